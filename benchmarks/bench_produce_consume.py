@@ -1,0 +1,215 @@
+"""Produce/consume throughput and latency of ray_broker (in the spirit of kafka-producer-perf-test).
+
+    python benchmarks/bench_produce_consume.py            # full run (about a minute on 2 cores)
+    python benchmarks/bench_produce_consume.py --smoke    # tiny counts and 2 partitions: seconds plus Ray start-up
+
+Setup: an embedded broker (`rb.connect`, data in a fresh temp dir), one topic of 6 partitions per
+replication factor (1 and 3; min.insync.replicas 1), records of a 16-byte key and a 100-byte value,
+producer acks=all with default batching (batch.size 1 MiB, linger.ms 5).
+
+Measured per replication factor:
+- send_batch: Arrow RecordBatches of `--batch-rows` rows (built before timing) handed to
+  `send_batch`; throughput = records / (last acknowledgement - first call); latency per call =
+  acknowledgement time (future completion callback) - call time.
+- send: `--send-records` records one by one with `send()`; latency per record the same way. Calls are
+  issued back to back (like `--throughput -1`), so latency includes time queued behind earlier records.
+- consume: a read_committed consumer reads every record of the topic back from offset 0.
+
+Prints progress to stderr and ONE JSON line of figures to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+
+import ray_broker as rb  # noqa: E402
+
+def connect_embedded(data_dir: str, namespace: str = "ray_broker"):
+    """An embedded broker on a NEW local Ray instance (same as `rb.connect(data_dir=...)`), but with
+    `ray.init(address="local")`: a bare `ray.init()` attaches to whatever cluster
+    /tmp/ray/ray_current_cluster names (e.g. another `ray start` on this machine)."""
+    import ray
+
+    ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, configure_logging=False)
+    rb.deploy(namespace, data_dir)
+    return rb.connect(namespace=namespace)
+
+
+def shutdown_embedded(cluster) -> None:
+    import ray
+
+    cluster.shutdown()
+    try:
+        ray.get(cluster.controller.shutdown_broker.remote(), timeout=10)
+    except Exception:  # noqa: BLE001
+        pass
+    ray.shutdown()
+
+
+KEY_BYTES = 16
+VALUE_BYTES = 100
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pct(samples: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(samples) * 1000.0, q)), 3) if samples else None
+
+
+def make_batch(start: int, rows: int) -> pa.RecordBatch:
+    ids = range(start, start + rows)
+    keys = pa.array([b"k%015d" % i for i in ids], pa.binary())
+    values = pa.array([b"%012d" % i + b"v" * (VALUE_BYTES - 12) for i in ids], pa.binary())
+    return pa.RecordBatch.from_arrays([keys, values], ["key", "value"])
+
+
+class Latencies:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.samples: list[float] = []
+        self.last_done = 0.0
+        self.errors = 0
+
+    def callback(self, started: float):
+        def done(fut) -> None:
+            now = time.perf_counter()
+            with self.lock:
+                self.samples.append(now - started)
+                self.last_done = max(self.last_done, now)
+                if fut.exception(0) is not None:
+                    self.errors += 1
+        return done
+
+
+def bench_send_batch(producer, topic: str, records: int, batch_rows: int) -> dict:
+    batches = [make_batch(s, min(batch_rows, records - s)) for s in range(0, records, batch_rows)]
+    lat = Latencies()
+    t0 = time.perf_counter()
+    for b in batches:
+        producer.send_batch(topic, b).add_done_callback(lat.callback(time.perf_counter()))
+    producer.flush(timeout=600)
+    elapsed = max(lat.last_done, time.perf_counter() if not lat.last_done else lat.last_done) - t0
+    return summarize(records, len(batches), elapsed, lat)
+
+
+def bench_send(producer, topic: str, records: int) -> dict:
+    keys = [b"s%015d" % i for i in range(records)]
+    values = [b"%012d" % i + b"s" * (VALUE_BYTES - 12) for i in range(records)]
+    lat = Latencies()
+    t0 = time.perf_counter()
+    for k, v in zip(keys, values):
+        producer.send(topic, value=v, key=k).add_done_callback(lat.callback(time.perf_counter()))
+    producer.flush(timeout=600)
+    elapsed = (lat.last_done or time.perf_counter()) - t0
+    return summarize(records, records, elapsed, lat)
+
+
+def summarize(records: int, calls: int, elapsed: float, lat: Latencies) -> dict:
+    return {"records": records, "calls": calls, "seconds": round(elapsed, 3),
+            "records_per_s": round(records / elapsed, 1), "mb_per_s": round(records * (KEY_BYTES + VALUE_BYTES)
+                                                                            / elapsed / 1e6, 2),
+            "p50_ms": pct(lat.samples, 50), "p99_ms": pct(lat.samples, 99), "errors": lat.errors}
+
+
+def bench_consume(cluster, topic: str, partitions: int, expect: int, timeout_s: float = 300.0) -> dict:
+    tps = [rb.TopicPartition(topic, p) for p in range(partitions)]
+    consumer = cluster.consumer({"isolation_level": "read_committed", "auto_offset_reset": "earliest"})
+    consumer.assign(tps)
+    got = 0
+    nbytes = 0
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    while got < expect and time.monotonic() < deadline:
+        for _, batch in consumer.poll(timeout=1.0).items():
+            got += batch.num_rows
+            nbytes += batch.nbytes
+    elapsed = time.perf_counter() - t0
+    consumer.close()
+    return {"records": got, "expected": expect, "seconds": round(elapsed, 3),
+            "records_per_s": round(got / elapsed, 1),
+            "mb_per_s": round(got * (KEY_BYTES + VALUE_BYTES) / elapsed / 1e6, 2),
+            "arrow_mb_per_s": round(nbytes / elapsed / 1e6, 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny counts: checks the benchmark runs, in seconds")
+    ap.add_argument("--records", type=int, default=300_000, help="records per send_batch run (default 300000)")
+    ap.add_argument("--send-records", type=int, default=30_000, help="records per send() run (default 30000)")
+    ap.add_argument("--batch-rows", type=int, default=10_000, help="rows per Arrow batch (default 10000)")
+    ap.add_argument("--partitions", type=int, default=None, help="partitions per topic (default 6; smoke: 2)")
+    ap.add_argument("--replication-factors", default="1,3", help="comma-separated (default 1,3)")
+    ap.add_argument("--data-dir", default=None, help="broker data dir (default: a fresh temp dir, removed after)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.records, args.send_records, args.batch_rows = 2_000, 300, 500
+    if args.partitions is None:
+        args.partitions = 2 if args.smoke else 6  # smoke: fewer replica actors to start
+    rfs = [int(x) for x in args.replication_factors.split(",") if x.strip()]
+
+    tmp = None
+    data_dir = args.data_dir
+    if data_dir is None:
+        tmp = data_dir = tempfile.mkdtemp(prefix="ray_broker_bench_")
+    t_start = time.perf_counter()
+    cluster = connect_embedded(data_dir)
+    results = {}
+    try:
+        admin = cluster.admin()
+        for rf in rfs:
+            topic = f"bench-rf{rf}"
+            admin.create_topic(topic, partitions=args.partitions, replication_factor=rf,
+                               config={"min.insync.replicas": 1})
+            producer = cluster.producer({"acks": "all"})
+            log(f"rf={rf}: send_batch {args.records} records ...")
+            r_batch = bench_send_batch(producer, topic, args.records, args.batch_rows)
+            log(f"rf={rf}: send() {args.send_records} records ...")
+            r_send = bench_send(producer, topic, args.send_records)
+            producer.close()
+            log(f"rf={rf}: consume ...")
+            r_cons = bench_consume(cluster, topic, args.partitions, args.records + args.send_records)
+            results[f"rf{rf}"] = {"send_batch": r_batch, "send": r_send, "consume": r_cons}
+    finally:
+        shutdown_embedded(cluster)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    import pyarrow
+    import ray
+
+    out = {
+        "benchmark": "produce_consume",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "settings": {"partitions": args.partitions, "replication_factors": rfs, "key_bytes": KEY_BYTES,
+                     "value_bytes": VALUE_BYTES, "acks": "all", "records": args.records,
+                     "send_records": args.send_records, "batch_rows": args.batch_rows,
+                     "isolation_level": "read_committed", "min_insync_replicas": 1},
+        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+                        "pyarrow": pyarrow.__version__, "ray_broker": rb.__version__},
+        "results": results,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    print(json.dumps(out), flush=True)
+    errors = sum(r[m]["errors"] for r in results.values() for m in ("send_batch", "send"))
+    short = sum(r["consume"]["records"] != r["consume"]["expected"] for r in results.values())
+    return 1 if errors or short else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""ControllerActor: owns cluster metadata and keeps the replica actors in line with it.
+
+A reconcile thread pings every replica a few times a second; it recreates replica actors that are
+gone (e.g. `ray.kill`ed), elects a new leader from the ISR when a leader dies or restarts, removes
+dead followers from the ISR, moves replicas off dead nodes, and pushes the decided state to each
+replica stamped with the controller epoch. Every decision is persisted (atomic write) before it is
+pushed, so a restarted controller, or a whole restarted cluster, carries on from the same state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutError, RayActorError
+
+from ..config import BrokerConfig
+from ..controller.state import ClusterState, TopicRecord
+from ..errors import BrokerTimeoutError, SchemaMismatchError, UnknownTopicOrPartitionError
+from ..protocol import PartitionDescription, PartitionState, TopicDescription, TopicMetadata, replica_actor_name
+from ..records import check_schema_evolution, schema_from_bytes, schema_to_bytes
+from ..storage import atomic_write
+from .naming import alive_node_ids, pinned
+from .replica_actor import ReplicaActor, replica_options
+
+log = logging.getLogger(__name__)
+
+PING_TIMEOUT_S = 1.0
+STARTUP_GRACE_S = 15.0
+NODE_CHECK_S = 1.0
+Key = tuple[str, int, int]
+
+
+class ControllerActor:
+    def __init__(self, data_dir: str, broker_config: dict | None = None, namespace: str = "ray_broker"):
+        self.data_dir = os.path.abspath(data_dir)
+        self.namespace = namespace
+        self.config = BrokerConfig.from_dict(broker_config or {})
+        self.meta_path = os.path.join(self.data_dir, "controller", "metadata.json")
+        os.makedirs(os.path.dirname(self.meta_path), exist_ok=True)
+        if os.path.exists(self.meta_path):
+            with open(self.meta_path, "rb") as f:
+                self.state = ClusterState.from_json(f.read(), self.config)
+        else:
+            self.state = ClusterState(self.config)
+        self.state.controller_epoch += 1
+        self.lock = threading.RLock()
+        self.handles: dict[Key, object] = {}
+        self.reports: dict[Key, dict] = {}
+        self.incarnations: dict[Key, str] = {}
+        self.seen_alive: set[Key] = set()
+        self.created_at: dict[Key, float] = {}
+        self.started = time.monotonic()
+        self._pending_pushes: list = []
+        self._last_node_check = 0.0
+        self._nodes: list[str] = alive_node_ids()
+        self._remap_nodes_after_restart()
+        # A new controller incarnation bumps every leader epoch, so every replica (perhaps freshly
+        # restarted) receives its role again and stale leaders are fenced.
+        for t in self.state.topics.values():
+            for p in t.partitions:
+                p.leader_epoch += 1
+        self._persist()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
+        self._thread.start()
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def _persist(self) -> None:
+        atomic_write(self.meta_path, self.state.to_json())
+
+    def _log_dir(self, topic: TopicRecord, partition: int, replica: int) -> str:
+        inc = topic.partitions[partition].placement[replica].incarnation
+        suffix = f".{inc}" if inc else ""
+        return os.path.join(self.data_dir, "topics", topic.name, str(partition), f"replica-{replica}{suffix}")
+
+    def _remap_nodes_after_restart(self) -> None:
+        """After a whole-cluster restart node ids are new: map old ids onto live nodes in order."""
+        alive = set(self._nodes)
+        old = sorted({pl.node_id for t in self.state.topics.values() for p in t.partitions
+                      for pl in p.placement.values() if pl.node_id is not None})
+        if not old or any(n in alive for n in old):
+            return
+        mapping = {o: self._nodes[i % len(self._nodes)] for i, o in enumerate(old)}
+        for t in self.state.topics.values():
+            for p in t.partitions:
+                for pl in p.placement.values():
+                    if pl.node_id is not None:
+                        pl.node_id = mapping[pl.node_id]
+
+    # ---- replica actors ------------------------------------------------------------------------
+    def _placement_node(self, topic: TopicRecord, partition: int, replica: int) -> str | None:
+        node = topic.partitions[partition].placement[replica].node_id
+        return node if len(self._nodes) > 1 else None
+
+    def _create_replica(self, topic: TopicRecord, partition: int, replica: int, fresh: bool):
+        name = replica_actor_name(topic.name, partition, replica)
+        opts = replica_options(name, self.namespace)
+        opts.update(pinned(self._placement_node(topic, partition, replica)))
+        handle = ReplicaActor.options(**opts).remote(
+            topic.name, partition, replica, self._log_dir(topic, partition, replica), topic.config, topic.schema,
+            self.namespace, self.state.controller_epoch, self.config.replica_lag_time_max_ms, fresh)
+        self.handles[(topic.name, partition, replica)] = handle
+        self.created_at[(topic.name, partition, replica)] = time.monotonic()
+        return handle
+
+    def _handle(self, key: Key):
+        h = self.handles.get(key)
+        if h is not None:
+            return h
+        try:
+            h = ray.get_actor(replica_actor_name(*key), namespace=self.namespace)
+        except ValueError:
+            topic = self.state.topics.get(key[0])
+            if topic is None:
+                return None
+            h = self._create_replica(topic, key[1], key[2], fresh=False)
+        self.handles[key] = h
+        return h
+
+    # ---- reconcile loop ------------------------------------------------------------------------
+    def _reconcile_loop(self) -> None:
+        interval = self.config.replica_health_check_interval_ms / 1000.0
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.reconcile_once()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("controller reconcile failed")
+            self._stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+
+    def reconcile_once(self) -> None:
+        with self.lock:
+            keys = [(t.name, p, r) for t in self.state.topics.values()
+                    for p, part in enumerate(t.partitions) for r in part.replicas]
+            refs = {}
+            for key in keys:
+                try:
+                    h = self._handle(key)
+                except Exception:  # noqa: BLE001 - name still held by a dying actor; next round
+                    h = None
+                if h is not None:
+                    refs[h.ping.remote()] = key
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S) if refs else ([], [])
+        reports: dict[Key, dict] = {}
+        for ref in ready:
+            key = refs[ref]
+            try:
+                reports[key] = ray.get(ref)
+            except (ActorDiedError, ActorUnschedulableError):
+                self.handles.pop(key, None)      # gone for good (e.g. ray.kill): recreate next round
+            except Exception:  # noqa: BLE001 - restarting or unreachable: not usable right now
+                pass
+        self._check_nodes()
+        with self.lock:
+            self._decide_and_push(reports)
+
+    def _check_nodes(self) -> None:
+        if time.monotonic() - self._last_node_check < NODE_CHECK_S:
+            return
+        self._last_node_check = time.monotonic()
+        nodes = alive_node_ids()
+        with self.lock:
+            self._nodes = nodes
+            if len(nodes) <= 1:
+                return
+            alive = set(nodes)
+            changed = False
+            for t in self.state.topics.values():
+                for pi, p in enumerate(t.partitions):
+                    for r, pl in p.placement.items():
+                        if pl.node_id is None or pl.node_id in alive:
+                            continue
+                        used = {p.placement[o].node_id for o in p.replicas if o != r}
+                        free = [n for n in nodes if n not in used]
+                        if not free:
+                            continue
+                        load = {n: 0 for n in free}
+                        for tt in self.state.topics.values():
+                            for pp in tt.partitions:
+                                for pl2 in pp.placement.values():
+                                    if pl2.node_id in load:
+                                        load[pl2.node_id] += 1
+                        target = min(free, key=lambda n: (load[n], free.index(n)))
+                        self.state.move_replica(t.name, pi, r, target)
+                        changed = True
+                        key = (t.name, pi, r)
+                        old = self.handles.pop(key, None)
+                        if old is not None:
+                            try:
+                                ray.kill(old)
+                            except Exception:  # noqa: BLE001
+                                pass
+                        self.incarnations.pop(key, None)
+                        self.seen_alive.discard(key)
+            if changed:
+                self._persist()
+
+    def _starting(self, key: Key) -> bool:
+        """A replica never seen alive since it (or this controller) started, and not yet overdue."""
+        if key in self.seen_alive:
+            return False
+        return time.monotonic() - self.created_at.get(key, self.started) < STARTUP_GRACE_S
+
+    def _decide_and_push(self, reports: dict[Key, dict]) -> None:
+        changed = False
+        for t in self.state.topics.values():
+            for pi, p in enumerate(t.partitions):
+                alive = {r: reports[(t.name, pi, r)] for r in p.replicas if (t.name, pi, r) in reports}
+                for r in alive:
+                    self.seen_alive.add((t.name, pi, r))
+                usable = {r for r, rep in alive.items() if rep["eligible"]}
+                if p.leader is not None and p.leader not in alive and self._starting((t.name, pi, p.leader)):
+                    continue            # leader still starting: no election yet
+                leader_key = (t.name, pi, p.leader) if p.leader is not None else None
+                if leader_key and p.leader in alive:
+                    old_inc = self.incarnations.get(leader_key)
+                    if old_inc is not None and old_inc != alive[p.leader]["incarnation"]:
+                        # The leader process restarted: its in-memory state is gone. Prefer another
+                        # in-sync replica; if none exists, it leads again at a new epoch.
+                        others = usable - {p.leader}
+                        if any(r in p.isr for r in others):
+                            changed |= self.state.elect_leader(t.name, pi, others)
+                        else:
+                            self.state.bump_leader_epoch(t.name, pi)
+                            changed = True
+                changed |= self.state.elect_leader(t.name, pi, usable)
+                for r in list(p.isr):
+                    key = (t.name, pi, r)
+                    if r == p.leader or r in alive:
+                        continue
+                    if self._starting(key):
+                        continue
+                    changed |= self.state.remove_from_isr(t.name, pi, r)
+        if changed:
+            self._persist()
+        for key, rep in reports.items():
+            self.incarnations[key] = rep["incarnation"]
+        self.reports = reports
+        self._push(reports)
+
+    def _push(self, reports: dict[Key, dict]) -> None:
+        # forget finished pushes (their errors are visible in the next ping anyway)
+        if self._pending_pushes:
+            done, self._pending_pushes = ray.wait(self._pending_pushes, num_returns=len(self._pending_pushes),
+                                                  timeout=0)
+        ce = self.state.controller_epoch
+        for (topic, pi, r), rep in reports.items():
+            t = self.state.topics.get(topic)
+            if t is None:
+                continue
+            p = t.partitions[pi]
+            h = self.handles.get((topic, pi, r))
+            if h is None:
+                continue
+            if r == p.leader:
+                if (rep["role"] != "leader" or rep["leader_epoch"] != p.leader_epoch
+                        or sorted(rep["isr"] or []) != sorted(p.isr)):
+                    self._pending_pushes.append(
+                        h.become_leader.remote(ce, p.leader_epoch, list(p.replicas), list(p.isr), t.schema, t.config))
+            elif rep["role"] != "follower" or rep["leader_epoch"] != p.leader_epoch:
+                self._pending_pushes.append(
+                    h.become_follower.remote(ce, p.leader_epoch, p.leader, list(p.replicas), t.schema, t.config))
+
+    # ---- API used by replicas ------------------------------------------------------------------
+    def alter_isr(self, topic: str, partition: int, leader: int, leader_epoch: int, isr: list[int]) -> PartitionState:
+        with self.lock:
+            new_state = self.state.alter_isr(topic, partition, leader, leader_epoch, isr)
+            self._persist()
+            return new_state
+
+    # ---- admin API -----------------------------------------------------------------------------
+    def controller_epoch(self) -> int:
+        return self.state.controller_epoch
+
+    def ping(self) -> dict:
+        return {"controller_epoch": self.state.controller_epoch, "topics": len(self.state.topics)}
+
+    def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1, config: dict | None = None,
+                     schema: bytes | None = None, internal: bool = False, timeout_s: float = 60.0) -> TopicMetadata:
+        with self.lock:
+            nodes = alive_node_ids()
+            topic_config, schema_bytes = self.state.validate_new_topic(
+                name, partitions, replication_factor, config, schema_from_bytes(schema), len(nodes), internal)
+            topic = self.state.add_topic(name, partitions, replication_factor, topic_config, schema_bytes,
+                                         nodes, internal)
+            self._persist()
+            for pi, p in enumerate(topic.partitions):
+                for r in p.replicas:
+                    self._create_replica(topic, pi, r, fresh=True)
+        self._wait_leaders(name, timeout_s)
+        return self.get_metadata([name])[name]
+
+    def _wait_leaders(self, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                t = self.state.topics.get(name)
+                if t is None:
+                    raise UnknownTopicOrPartitionError(f"topic {name!r} was deleted while being created")
+                pending = [(pi, p.leader, p.leader_epoch) for pi, p in enumerate(t.partitions)]
+            refs = {}
+            for pi, leader, epoch in pending:
+                h = self.handles.get((name, pi, leader)) if leader is not None else None
+                if h is not None:
+                    refs[h.ping.remote()] = epoch
+            ok = 0
+            try:
+                for ref, epoch in refs.items():
+                    rep = ray.get(ref, timeout=2.0)
+                    ok += rep["role"] == "leader" and rep["leader_epoch"] == epoch
+            except (RayActorError, GetTimeoutError):
+                pass
+            if ok == len(pending):
+                return
+            time.sleep(0.05)
+        raise BrokerTimeoutError(f"topic {name!r}: partition leaders not ready after {timeout_s} s")
+
+    def delete_topic(self, name: str) -> None:
+        with self.lock:
+            topic = self.state.topic(name)
+            handles = []
+            for pi, p in enumerate(topic.partitions):
+                for r in p.replicas:
+                    key = (name, pi, r)
+                    h = self.handles.pop(key, None)
+                    if h is None:
+                        try:
+                            h = ray.get_actor(replica_actor_name(*key), namespace=self.namespace)
+                        except ValueError:
+                            h = None
+                    if h is not None:
+                        handles.append(h)
+                    self.incarnations.pop(key, None)
+                    self.seen_alive.discard(key)
+            self.state.remove_topic(name)
+            self._persist()
+        refs = [h.delete_log.remote() for h in handles]
+        ray.wait(refs, num_returns=len(refs), timeout=10.0)
+        for h in handles:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        import shutil
+
+        shutil.rmtree(os.path.join(self.data_dir, "topics", name), ignore_errors=True)
+
+    def list_topics(self, include_internal: bool = False) -> list[str]:
+        with self.lock:
+            return sorted(n for n, t in self.state.topics.items() if include_internal or not t.internal)
+
+    def get_metadata(self, topics: list[str] | None = None) -> dict[str, TopicMetadata]:
+        with self.lock:
+            names = list(self.state.topics) if topics is None else topics
+            return {n: self.state.topic(n).metadata() for n in names}
+
+    def alter_topic_schema(self, name: str, schema: bytes) -> TopicMetadata:
+        with self.lock:
+            t = self.state.topic(name)
+            if t.schema is None:
+                raise SchemaMismatchError(f"topic {name!r} uses the default record model; it has no schema to evolve")
+            new = check_schema_evolution(schema_from_bytes(t.schema), schema_from_bytes(schema))
+            self.state.set_schema(name, schema_to_bytes(new))
+            self._persist()
+            handles = [self.handles[(name, pi, r)] for pi, p in enumerate(t.partitions) for r in p.replicas
+                       if (name, pi, r) in self.handles]
+            refs = [h.update_topic.remote(self.state.controller_epoch, t.schema, t.config) for h in handles]
+            meta = t.metadata()
+        # replicas that miss this (restarting) get the schema with their next role push
+        ray.wait(refs, num_returns=len(refs), timeout=10.0)
+        return meta
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        with self.lock:
+            t = self.state.topic(name)
+            parts = [(pi, p.state(pi), self.handles.get((name, pi, p.leader)) if p.leader is not None else None)
+                     for pi, p in enumerate(t.partitions)]
+            meta = t.metadata()
+        out = []
+        for pi, st, h in parts:
+            offsets = {"log_start_offset": -1, "high_watermark": -1, "last_stable_offset": -1}
+            if h is not None:
+                try:
+                    rep = ray.get(h.ping.remote(), timeout=5.0)
+                    offsets = {k: rep[k] for k in offsets}
+                except (RayActorError, GetTimeoutError):
+                    pass
+            out.append(PartitionDescription(pi, st.leader, list(st.replicas), list(st.isr), st.leader_epoch, **offsets))
+        return TopicDescription(meta.name, meta.topic_id, out, meta.config, schema_from_bytes(meta.schema),
+                                meta.internal)
+
+    def allocate_producer_ids(self, count: int = 1) -> int:
+        with self.lock:
+            first = self.state.allocate_producer_ids(count)
+            self._persist()
+            return first
+
+    def status(self) -> dict:
+        """Everything `ray-broker status` shows: nodes, replicas with role/ISR/offsets."""
+        with self.lock:
+            replicas = {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in self.reports.items()}
+            topics = {n: t.metadata() for n, t in self.state.topics.items()}
+        return {"controller_epoch": self.state.controller_epoch, "nodes": alive_node_ids(), "topics": topics,
+                "replicas": replicas}
+
+    def replica_reports(self) -> dict:
+        refs = {}
+        with self.lock:
+            for key in list(self.handles):
+                refs[self.handles[key].status.remote()] = key
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=2.0) if refs else ([], [])
+        out = {}
+        for ref in ready:
+            try:
+                out["/".join(map(str, refs[ref]))] = ray.get(ref)
+            except RayActorError:
+                pass
+        return out
+
+    def shutdown_broker(self) -> None:
+        """Stop the reconcile loop and kill every replica actor (data stays on disk)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self.lock:
+            for h in self.handles.values():
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+            self.handles.clear()
+
+
+def controller_options(namespace: str, head_node: str | None) -> dict:
+    opts = {"name": "controller", "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
+            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": 64}
+    opts.update(pinned(head_node))
+    return opts
+
+
+Controller = ray.remote(ControllerActor)

@@ -1,0 +1,502 @@
+"""PartitionReplicaActor: one replica of one partition, wrapping a PartitionLog.
+
+The leader appends produce batches, pushes the exact frame bytes to its followers (one pump task
+per follower, so many produce calls coalesce into few replication calls), advances the high
+watermark from follower acknowledgements and answers fetches up to it. Followers append what the
+leader pushes after truncating any divergent suffix by leader epoch. Who leads, at which epoch and
+with which ISR is decided only by the controller (fenced by controller epoch); every mutating
+method is fenced by leader epoch or offsets so that a retried or duplicated call is harmless.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+import uuid
+
+import ray
+from ray.exceptions import RayActorError
+
+from ..config import TopicConfig
+from ..errors import (BrokerError, BrokerTimeoutError, CorruptRecordError, FencedLeaderEpochError,
+                      InvalidRequestError, NotEnoughReplicasAfterAppendError, NotEnoughReplicasError,
+                      NotLeaderOrFollowerError, OffsetOutOfRangeError, ReplicaOfflineError,
+                      StaleControllerEpochError, UnknownLeaderEpochError)
+from ..protocol import ACKS_ALL, FetchResult, ProduceResult, replica_actor_name
+from ..records import conform_batch, read_schema, schema_from_bytes, stored_schema
+from ..replication.divergence import truncation_offset
+from ..replication.isr import LeaderReplicationState
+from ..storage import PartitionLog
+from ..testing import failpoints
+from .deployment import ensure_controller
+
+log = logging.getLogger(__name__)
+
+LEADER, FOLLOWER = "leader", "follower"
+REPLICATION_MAX_BYTES = 8 * 1024 * 1024
+PUMP_IDLE_S = 0.25            # followers hear the HW at least this often when idle
+MAINTENANCE_S = 0.2
+CONTROLLER_CHECK_S = 1.0      # leaders bring back a controller that was killed
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PartitionReplicaActor:
+    def __init__(self, topic: str, partition: int, replica_id: int, log_dir: str, topic_config: dict,
+                 schema: bytes | None, namespace: str, controller_epoch: int = -1,
+                 lag_time_max_ms: int = 10_000, fresh: bool = True):
+        self.topic, self.partition, self.replica_id = topic, partition, replica_id
+        self.namespace = namespace
+        self._lag_time_max_ms = lag_time_max_ms
+        self.config = TopicConfig.from_dict(topic_config)
+        self._set_schema(schema)
+        self.log_dir = log_dir
+        self.incarnation = uuid.uuid4().hex
+        self.role = FOLLOWER
+        self.leader_epoch = -1
+        self.leader_id: int | None = None
+        self.controller_epoch = controller_epoch
+        self.replicas: tuple[int, ...] = ()
+        # A replica that lost its log (corrupt, or a new incarnation on another node) is an empty
+        # follower and not eligible for leadership until it has caught up and rejoined the ISR.
+        self.rebuilding = False
+        self.corruption: str | None = None
+        self.log = self._open_log(fresh)
+        self.high_watermark = self.log.high_watermark_checkpoint
+        self.leader_state: LeaderReplicationState | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._changed: asyncio.Condition | None = None
+        self._isr_request_inflight = False
+        self._handles: dict[int, object] = {}
+        self._last_hw_checkpoint = self.high_watermark
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def _set_schema(self, schema: bytes | None) -> None:
+        self.schema_bytes = schema
+        user = schema_from_bytes(schema)
+        self.stored_schema = stored_schema(user)
+        self.read_schema = read_schema(user)
+
+    def _open_log(self, fresh: bool) -> PartitionLog:
+        marker = os.path.join(self.log_dir, "replica.created")
+        if not fresh and not os.path.exists(marker):
+            # Recreated after its first start but its directory is gone (lost disk, new node):
+            # whatever it had is lost, so it must not lead before catching up.
+            self.rebuilding = True
+        os.makedirs(self.log_dir, exist_ok=True)
+        try:
+            opened = PartitionLog(self.log_dir, self.config)
+        except CorruptRecordError as exc:
+            # Keep the damaged files for inspection; rebuild from the leader as an empty follower.
+            aside = f"{self.log_dir}.corrupt-{int(time.time() * 1000)}"
+            shutil.move(self.log_dir, aside)
+            self.corruption = f"{exc} (moved to {aside})"
+            self.rebuilding = True
+            log.error("replica %s/%s/%s: %s", self.topic, self.partition, self.replica_id, self.corruption)
+            os.makedirs(self.log_dir, exist_ok=True)
+            opened = PartitionLog(self.log_dir, self.config)
+        if not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(f"{self.topic} {self.partition} {self.replica_id}\n")
+        return opened
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        cond = self._cond()
+        async with cond:
+            cond.notify_all()
+
+    async def _wait_changed(self, timeout: float) -> None:
+        cond = self._cond()
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _fence_controller(self, controller_epoch: int) -> None:
+        if controller_epoch < self.controller_epoch:
+            raise StaleControllerEpochError(
+                f"controller epoch {controller_epoch} is older than {self.controller_epoch} already seen")
+        self.controller_epoch = controller_epoch
+
+    # ---- control plane (from the controller) -----------------------------------------------------
+    def ping(self) -> dict:
+        st = self.leader_state
+        return {
+            "incarnation": self.incarnation, "role": self.role, "leader_epoch": self.leader_epoch,
+            "controller_epoch": self.controller_epoch, "log_end_offset": self.log.log_end_offset,
+            "log_start_offset": self.log.log_start_offset, "high_watermark": self.high_watermark,
+            "last_stable_offset": self.high_watermark,
+            "isr": list(st.isr) if st else None, "eligible": not self.rebuilding,
+            "corruption": self.corruption, "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def become_leader(self, controller_epoch: int, leader_epoch: int, replicas: list[int], isr: list[int],
+                            schema: bytes | None = None, topic_config: dict | None = None) -> dict:
+        self._fence_controller(controller_epoch)
+        if leader_epoch < self.leader_epoch:
+            raise FencedLeaderEpochError(f"leader epoch {leader_epoch} < current {self.leader_epoch}")
+        self._apply_topic_update(schema, topic_config)
+        if self.role == LEADER and leader_epoch == self.leader_epoch and self.leader_state is not None:
+            self.leader_state.set_isr(isr)       # a repeat, or an ISR change pushed by the controller
+            self.leader_state.replicas = tuple(replicas)
+            if self.leader_state.maybe_advance_high_watermark(self.log.log_end_offset):
+                self._on_high_watermark(self.leader_state.high_watermark)
+            await self._notify()
+            return self.ping()
+        await self._stop_tasks()
+        self.role, self.leader_epoch, self.leader_id = LEADER, leader_epoch, self.replica_id
+        self.replicas = tuple(replicas)
+        self.rebuilding = False
+        leo = self.log.log_end_offset
+        self.log.assign_epoch(leader_epoch, leo)
+        self.high_watermark = min(self.high_watermark, leo)
+        self.leader_state = LeaderReplicationState(
+            self.replica_id, leader_epoch, tuple(replicas), tuple(sorted(isr)), self.config.min_insync_replicas,
+            self._lag_time_max_ms, self.high_watermark, leo)
+        for r in self.leader_state.followers:
+            self.leader_state.followers[r].last_caught_up_ms = _now_ms()
+        self.leader_state.maybe_advance_high_watermark(leo)
+        self.high_watermark = self.leader_state.high_watermark
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._pump(r, leader_epoch)) for r in replicas if r != self.replica_id]
+        self._tasks.append(loop.create_task(self._maintenance(leader_epoch)))
+        await self._notify()
+        return self.ping()
+
+    async def become_follower(self, controller_epoch: int, leader_epoch: int, leader_id: int | None,
+                              replicas: list[int], schema: bytes | None = None,
+                              topic_config: dict | None = None) -> dict:
+        self._fence_controller(controller_epoch)
+        if leader_epoch < self.leader_epoch:
+            raise FencedLeaderEpochError(f"leader epoch {leader_epoch} < current {self.leader_epoch}")
+        self._apply_topic_update(schema, topic_config)
+        if self.role == LEADER:
+            await self._stop_tasks()
+            self.leader_state = None
+        self.role, self.leader_epoch, self.leader_id = FOLLOWER, leader_epoch, leader_id
+        self.replicas = tuple(replicas)
+        await self._notify()     # wake produce/fetch waiters so they answer NOT_LEADER
+        return self.ping()
+
+    def update_topic(self, controller_epoch: int, schema: bytes | None, topic_config: dict | None) -> None:
+        self._fence_controller(controller_epoch)
+        self._apply_topic_update(schema, topic_config)
+
+    def _apply_topic_update(self, schema: bytes | None, topic_config: dict | None) -> None:
+        if schema is not None and schema != self.schema_bytes:
+            self._set_schema(schema)
+        if topic_config:
+            self.config = TopicConfig.from_dict(topic_config)
+
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def arm_failpoint(self, name: str, action: str, arg=None, count: int = 1) -> None:
+        failpoints.arm(name, action, arg, count)
+
+    def disarm_failpoints(self) -> None:
+        failpoints.disarm()
+
+    def delete_log(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.log.delete()
+
+    # ---- data plane (from clients) ---------------------------------------------------------------
+    def _require_leader(self) -> LeaderReplicationState:
+        if self.role != LEADER or self.leader_state is None:
+            raise NotLeaderOrFollowerError(
+                f"replica {self.replica_id} of {self.topic}/{self.partition} is not the leader "
+                f"(leader {self.leader_id}, epoch {self.leader_epoch})")
+        return self.leader_state
+
+    async def produce(self, batch, acks: int = ACKS_ALL, timeout_ms: int = 30_000, producer_id: int = -1,
+                      producer_epoch: int = -1, base_sequence: int = -1,
+                      is_transactional: bool = False) -> ProduceResult:
+        state = self._require_leader()
+        if acks == ACKS_ALL and len(state.isr) < self.config.min_insync_replicas:
+            raise NotEnoughReplicasError(
+                f"{self.topic}/{self.partition}: ISR {list(state.isr)} is smaller than "
+                f"min.insync.replicas={self.config.min_insync_replicas}")
+        batch = conform_batch(batch, self.stored_schema)
+        if batch.num_rows == 0:
+            return ProduceResult(self.log.log_end_offset, self.log.log_start_offset)
+        epoch = self.leader_epoch
+        info = self.log.append(batch, leader_epoch=epoch, producer_id=producer_id, producer_epoch=producer_epoch,
+                               base_sequence=base_sequence, is_transactional=is_transactional)
+        failpoints.hit("replica.after_append")
+        if state.maybe_advance_high_watermark(self.log.log_end_offset):
+            self._on_high_watermark(state.high_watermark)
+        await self._notify()
+        result = ProduceResult(info.base_offset, self.log.log_start_offset)
+        if acks != ACKS_ALL:
+            return result
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while self.high_watermark <= info.last_offset:
+            if self.role != LEADER or self.leader_epoch != epoch:
+                raise NotLeaderOrFollowerError(
+                    f"{self.topic}/{self.partition}: leadership moved while waiting for replication")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerTimeoutError(
+                    f"{self.topic}/{self.partition}: replication to the ISR did not finish in {timeout_ms} ms")
+            await self._wait_changed(min(remaining, 0.5))
+        if len(state.isr) < self.config.min_insync_replicas:
+            raise NotEnoughReplicasAfterAppendError(
+                f"{self.topic}/{self.partition}: ISR shrank below min.insync.replicas after append")
+        return result
+
+    def _on_high_watermark(self, hw: int) -> None:
+        self.high_watermark = hw
+
+    async def fetch(self, offset: int, max_bytes: int, isolation_level: str = "read_committed",
+                    max_wait_ms: int = 0) -> FetchResult:
+        self._require_leader()
+        self._check_offset(offset)
+        if offset >= self.high_watermark and max_wait_ms > 0:
+            deadline = time.monotonic() + max_wait_ms / 1000.0
+            while offset >= self.high_watermark and self.role == LEADER:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._wait_changed(remaining)
+            self._require_leader()
+            self._check_offset(offset)
+        bound = self.high_watermark
+        result = FetchResult(high_watermark=bound, last_stable_offset=bound,
+                             log_start_offset=self.log.log_start_offset, next_offset=offset)
+        if offset < bound:
+            batches = self.log.read(offset, max_bytes, max_offset=bound)
+            result.batches = [b if b.schema.equals(self.read_schema) else conform_batch(b, self.read_schema)
+                              for b in batches]
+            if result.batches:
+                last = result.batches[-1]
+                result.next_offset = int(last.column(0)[last.num_rows - 1].as_py()) + 1
+        return result
+
+    def _check_offset(self, offset: int) -> None:
+        if offset < self.log.log_start_offset or offset > self.log.log_end_offset:
+            raise OffsetOutOfRangeError(
+                f"offset {offset} is outside {self.topic}/{self.partition}'s range "
+                f"[{self.log.log_start_offset}, {self.log.log_end_offset}]")
+
+    def list_offset(self, which: str, isolation_level: str = "read_committed") -> int:
+        self._require_leader()
+        if which == "earliest":
+            return self.log.log_start_offset
+        if which == "latest":
+            return self.high_watermark
+        raise InvalidRequestError(f"list_offset: which must be 'earliest' or 'latest', got {which!r}")
+
+    # ---- replication: follower side --------------------------------------------------------------
+    def _fence_leader(self, leader_epoch: int) -> None:
+        if leader_epoch < self.leader_epoch:
+            raise FencedLeaderEpochError(f"leader epoch {leader_epoch} < current {self.leader_epoch}")
+        if leader_epoch > self.leader_epoch:
+            if self.role == LEADER:
+                raise UnknownLeaderEpochError(f"leader epoch {leader_epoch} not yet known to this (old) leader")
+            # Only the controller mints epochs and each has one leader: the sender is the new leader.
+            self.leader_epoch = leader_epoch
+        if self.role == LEADER:
+            raise NotLeaderOrFollowerError("a leader does not take replication from another replica")
+
+    def get_log_state(self, leader_epoch: int) -> dict:
+        self._fence_leader(leader_epoch)
+        return {"entries": self.log.epoch_entries(), "log_start_offset": self.log.log_start_offset,
+                "log_end_offset": self.log.log_end_offset}
+
+    def truncate(self, leader_epoch: int, offset: int) -> int:
+        self._fence_leader(leader_epoch)
+        if offset < self.log.log_end_offset:
+            self.log.truncate_to(offset)
+            self.high_watermark = min(self.high_watermark, self.log.log_end_offset)
+        return self.log.log_end_offset
+
+    def reset_log(self, leader_epoch: int, start_offset: int) -> int:
+        self._fence_leader(leader_epoch)
+        self.log.truncate_fully_and_start_at(start_offset)
+        self.high_watermark = start_offset
+        return self.log.log_end_offset
+
+    def replicate(self, leader_epoch: int, frames, base_offset: int, leader_high_watermark: int) -> int:
+        self._fence_leader(leader_epoch)
+        if frames:
+            if base_offset != self.log.log_end_offset:
+                raise InvalidRequestError(
+                    f"replicate at {base_offset} but this follower's log ends at {self.log.log_end_offset}")
+            failpoints.hit("follower.before_append")
+            self.log.append_frames(frames)
+        self.high_watermark = max(self.high_watermark, min(leader_high_watermark, self.log.log_end_offset))
+        if self.rebuilding and self.log.log_end_offset >= leader_high_watermark:
+            self.rebuilding = False
+        if self.high_watermark - self._last_hw_checkpoint > 0:
+            self.log.checkpoint_high_watermark(self.high_watermark)
+            self._last_hw_checkpoint = self.high_watermark
+        return self.log.log_end_offset
+
+    # ---- replication: leader side ----------------------------------------------------------------
+    def _handle(self, replica: int):
+        h = self._handles.get(replica)
+        if h is None:
+            h = ray.get_actor(replica_actor_name(self.topic, self.partition, replica), namespace=self.namespace)
+            self._handles[replica] = h
+        return h
+
+    async def _pump(self, follower: int, epoch: int) -> None:
+        """Push the log to one follower until this leadership ends."""
+        follower_leo: int | None = None
+        backoff = 0.05
+        while self.role == LEADER and self.leader_epoch == epoch:
+            state = self.leader_state
+            try:
+                h = self._handle(follower)
+                if follower_leo is None:
+                    follower_leo = await self._sync_follower(h, epoch)
+                    state.on_follower_ack(follower, follower_leo, self.log.log_end_offset
+                                          if follower_leo >= self.log.log_end_offset else follower_leo + 1, _now_ms())
+                leo = self.log.log_end_offset
+                if follower_leo >= leo:
+                    await self._wait_changed(PUMP_IDLE_S)
+                    if self.role != LEADER or self.leader_epoch != epoch:
+                        return
+                    if self.log.log_end_offset <= follower_leo:
+                        follower_leo = await h.replicate.remote(epoch, b"", follower_leo, self.high_watermark)
+                        state.on_follower_ack(follower, follower_leo, self.log.log_end_offset, _now_ms())
+                        self._after_ack()
+                        continue
+                    leo = self.log.log_end_offset
+                _headers, frames = self.log.read_frames(follower_leo, REPLICATION_MAX_BYTES)
+                follower_leo = await h.replicate.remote(epoch, frames, follower_leo, self.high_watermark)
+                state.on_follower_ack(follower, follower_leo, leo, _now_ms())
+                self._after_ack()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except (RayActorError, BrokerError, ValueError) as exc:
+                # ValueError: ray.get_actor found no such actor (being recreated by the controller)
+                if self.role != LEADER or self.leader_epoch != epoch:
+                    return
+                if isinstance(exc, (RayActorError, ValueError)):
+                    self._handles.pop(follower, None)
+                    state.on_follower_failed(follower)
+                follower_leo = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            except Exception:  # noqa: BLE001 - e.g. ActorUnschedulableError: the actor is being replaced
+                log.exception("replication pump %s/%s -> %s", self.topic, self.partition, follower)
+                self._handles.pop(follower, None)
+                state.on_follower_failed(follower)
+                follower_leo = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def _sync_follower(self, h, epoch: int) -> int:
+        """Truncate the follower to the point where its log agrees with ours (by leader epoch)."""
+        st = await h.get_log_state.remote(epoch)
+        f_start, f_leo = st["log_start_offset"], st["log_end_offset"]
+        if f_leo < self.log.log_start_offset or f_start > self.log.log_end_offset:
+            return await h.reset_log.remote(epoch, self.log.log_start_offset)
+        target = truncation_offset(self.log.end_offset_for_epoch, st["entries"], f_start, f_leo)
+        target = min(target, self.log.log_end_offset)
+        if target < f_leo:
+            return await h.truncate.remote(epoch, target)
+        return f_leo
+
+    def _after_ack(self) -> None:
+        state = self.leader_state
+        if state is None:
+            return
+        if state.maybe_advance_high_watermark(self.log.log_end_offset):
+            self._on_high_watermark(state.high_watermark)
+            asyncio.get_running_loop().create_task(self._notify())
+        self._maybe_request_isr_change()
+
+    def _maybe_request_isr_change(self) -> None:
+        state = self.leader_state
+        if state is None or self._isr_request_inflight:
+            return
+        wanted = state.isr_change_wanted(self.log.log_end_offset, _now_ms())
+        if wanted is None:
+            return
+        self._isr_request_inflight = True
+        asyncio.get_running_loop().create_task(self._request_isr_change(state.leader_epoch, wanted))
+
+    async def _request_isr_change(self, epoch: int, wanted: tuple[int, ...]) -> None:
+        from ..protocol import CONTROLLER_NAME
+
+        try:
+            controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+            new_state = await controller.alter_isr.remote(self.topic, self.partition, self.replica_id, epoch,
+                                                          list(wanted))
+            if self.leader_state is not None and self.leader_epoch == epoch:
+                self.leader_state.set_isr(new_state.isr)
+                if self.leader_state.maybe_advance_high_watermark(self.log.log_end_offset):
+                    self._on_high_watermark(self.leader_state.high_watermark)
+                await self._notify()
+        except Exception as exc:  # noqa: BLE001 - the controller may be restarting; retried next tick
+            log.info("ISR change %s for %s/%s not applied: %s", wanted, self.topic, self.partition, exc)
+        finally:
+            self._isr_request_inflight = False
+
+    async def _maintenance(self, epoch: int) -> None:
+        """Leader housekeeping: ISR shrink by lag, flush policy, retention, HW checkpoint."""
+        last_retention = last_controller_check = 0.0
+        while self.role == LEADER and self.leader_epoch == epoch:
+            await asyncio.sleep(MAINTENANCE_S)
+            try:
+                self._maybe_request_isr_change()
+                now = _now_ms()
+                self.log.maybe_flush(now)
+                if self.high_watermark != self._last_hw_checkpoint:
+                    self.log.checkpoint_high_watermark(self.high_watermark)
+                    self._last_hw_checkpoint = self.high_watermark
+                if time.monotonic() - last_controller_check > CONTROLLER_CHECK_S:
+                    last_controller_check = time.monotonic()
+                    ensure_controller(self.namespace)
+                if time.monotonic() - last_retention > 5.0:
+                    last_retention = time.monotonic()
+                    self.log.apply_retention(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("maintenance %s/%s", self.topic, self.partition)
+
+    def status(self) -> dict:
+        info = self.ping()
+        info.update({"topic": self.topic, "partition": self.partition, "replica": self.replica_id,
+                     "log_dir": self.log_dir, "size_bytes": self.log.size_bytes})
+        return info
+
+    def read_all_frames(self) -> tuple[int, bytes]:
+        """(log_start_offset, every frame's bytes) — for tests comparing replicas byte for byte."""
+        out, offset = [], self.log.log_start_offset
+        while offset < self.log.log_end_offset:
+            headers, frames = self.log.read_frames(offset, REPLICATION_MAX_BYTES)
+            out.append(bytes(frames))
+            offset = headers[-1].next_offset
+        return self.log.log_start_offset, b"".join(out)
+
+
+def replica_options(name: str, namespace: str) -> dict:
+    return {"name": name, "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
+            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": 1000}
+
+
+ReplicaActor = ray.remote(PartitionReplicaActor)

@@ -1,0 +1,1 @@
+"""The `ray-broker` command line: start/stop/status, topics, console produce/consume."""

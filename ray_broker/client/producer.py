@@ -1,0 +1,776 @@
+"""The producer: per-topic column buffers, a per-partition accumulator and one sender thread.
+
+Data path
+- `send()` only appends to the topic's column buffers (python lists) and returns a `RecordFuture`
+  pointing at (buffer state, row). The sender thread swaps the lists out, builds Arrow arrays,
+  partitions them (explicit partition, vectorised murmur2 of the key, else sticky) and splits them
+  into per-partition pieces.
+- `send_batch()` validates and partitions in the caller's thread (so `SchemaMismatchError`,
+  `RecordTooLargeError`, bad partitions raise immediately) and queues its pieces.
+- Per partition, pieces accumulate until `batch_size` bytes or `linger_ms`; then ONE RecordBatch is
+  built and sent with the leader's `produce.remote`. Up to `max_in_flight_requests_per_connection`
+  calls are in flight per partition; the sender waits on all of them with `ray.wait` and completes
+  futures in order per partition.
+- Ordering: Ray may run concurrent calls to an async actor out of submission order, so with
+  `strict_ordering` (default) a partition has several calls in flight only when idempotence is on
+  (the broker orders by sequence; a batch that overtook an earlier one gets OUT_OF_ORDER_SEQUENCE and
+  is resent once it is at the head). Without idempotence it is one call at a time per partition.
+- Retries: retriable errors put the batch back at the head of its partition's line with the same
+  producer id / epoch / base sequence; nothing newer is sent for that partition until it is
+  through. After `delivery_timeout_ms` the batch fails with `BrokerTimeoutError`, or
+  `UnknownOutcomeError` if any attempt's outcome was ambiguous (actor died / timed out after send).
+
+Errors raised by `send()` itself (nothing is queued): `UnknownTopicOrPartitionError` (unknown topic or
+partition), `InvalidRequestError` (declared-schema topic, bad argument types, closed producer),
+`RecordTooLargeError`, `BrokerTimeoutError` (buffer full for `max_block_ms`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from ..config import ProducerConfig
+from ..errors import (BrokerError, BrokerTimeoutError, InvalidRequestError, NotEnoughReplicasAfterAppendError,
+                      OutOfOrderSequenceError, RecordTooLargeError, UnknownOutcomeError,
+                      UnknownTopicOrPartitionError)
+from ..protocol import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata
+from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, schema_from_bytes, stored_schema
+from .batching import compute_partitions, normalize_batch, now_ms, plan_batch
+from .futures import BatchFuture, BatchState, RecordFuture
+from .metadata_cache import ClientContext, unwrap_error
+from .partitioner import StickyPartitioner
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Producer", "IdempotenceState"]
+
+SEQUENCE_MODULUS = 2 ** 31
+_RECORD_OVERHEAD = 24  # timestamp + offsets + validity, roughly what Arrow stores per row
+
+
+class IdempotenceState:
+    """Producer id / epoch and per-partition sequence numbers, assigned when a batch is first drained.
+
+    Disabled today (producer id -1, base_sequence -1 sent to the broker), but `next_sequence` is
+    kept per partition so enabling idempotence is only: set `producer_id`/`producer_epoch` and
+    `enabled = True`. Sequences wrap at 2**31 - 1 -> 0 like Kafka's `incrementSequence`.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.transactional = False
+        self.producer_id = NO_PRODUCER_ID
+        self.producer_epoch = NO_PRODUCER_EPOCH
+        self.next_sequence: dict[tuple[str, int], int] = {}
+
+    def assign(self, topic: str, partition: int, record_count: int) -> tuple[int, int, int]:
+        """(producer_id, producer_epoch, base_sequence) for a newly drained batch."""
+        key = (topic, partition)
+        seq = self.next_sequence.get(key, 0)
+        self.next_sequence[key] = (seq + record_count) % SEQUENCE_MODULUS
+        if not self.enabled:
+            return NO_PRODUCER_ID, NO_PRODUCER_EPOCH, NO_SEQUENCE
+        return self.producer_id, self.producer_epoch, seq
+
+    def reset(self, topic: str | None = None) -> None:
+        if topic is None:
+            self.next_sequence.clear()
+        else:
+            for key in [k for k in self.next_sequence if k[0] == topic]:
+                del self.next_sequence[key]
+
+
+class _Piece:
+    __slots__ = ("batch", "state", "rows", "created")
+
+    def __init__(self, batch: pa.RecordBatch, state: BatchState, rows: np.ndarray, created: float):
+        self.batch = batch
+        self.state = state
+        self.rows = rows
+        self.created = created
+
+
+_INFLIGHT, _RETRY, _DONE, _FAILED, _NEW = range(5)
+
+
+class _ProduceBatch:
+    __slots__ = ("topic", "partition", "batch", "pieces", "created", "deadline", "attempts", "ambiguous",
+                 "status", "ref", "sent_at", "retry_at", "leader", "producer_id", "producer_epoch",
+                 "base_sequence", "base_offset", "error", "last_error", "sent_behind")
+
+    def __init__(self, topic, partition, batch, pieces, created, deadline):
+        self.topic = topic
+        self.partition = partition
+        self.batch = batch
+        self.pieces = pieces
+        self.created = created
+        self.deadline = deadline
+        self.attempts = 0
+        self.ambiguous = False
+        self.status = _NEW
+        self.ref = None
+        self.sent_at = 0.0
+        self.retry_at = 0.0
+        self.leader = None
+        self.producer_id = NO_PRODUCER_ID
+        self.producer_epoch = NO_PRODUCER_EPOCH
+        self.base_sequence = NO_SEQUENCE
+        self.base_offset = -1
+        self.error: BaseException | None = None
+        self.last_error: BaseException | None = None
+        self.sent_behind = False  # sent while an earlier batch of the partition was unacknowledged
+
+
+class _PartitionAcc:
+    __slots__ = ("topic", "partition", "pending", "pending_bytes", "first_time", "inflight")
+
+    def __init__(self, topic: str, partition: int):
+        self.topic = topic
+        self.partition = partition
+        self.pending: deque[_Piece] = deque()
+        self.pending_bytes = 0
+        self.first_time = 0.0
+        self.inflight: deque[_ProduceBatch] = deque()
+
+
+class _TopicBuffer:
+    """Column lists of records sent with `send()` since the last drain."""
+    __slots__ = ("topic", "keys", "values", "headers", "timestamps", "partitions", "state", "nbytes",
+                 "first_time", "has_headers", "has_partition", "has_key", "threshold")
+
+    def __init__(self, topic: str):
+        self.topic = topic
+        self._reset()
+
+    def _reset(self):
+        self.keys: list = []
+        self.values: list = []
+        self.headers: list = []
+        self.timestamps: list = []
+        self.partitions: list = []
+        self.state: BatchState | None = None
+        self.nbytes = 0
+        self.first_time = 0.0
+        self.has_headers = False
+        self.has_partition = False
+        self.has_key = False
+        self.threshold = 0   # drain at this many bytes (batch_size x partitions the records spread over)
+
+    def swap(self) -> tuple:
+        snap = (self.keys, self.values, self.headers, self.timestamps, self.partitions, self.state,
+                self.first_time, self.has_headers, self.has_partition, self.has_key)
+        self._reset()
+        return snap
+
+
+class _TopicInfo:
+    __slots__ = ("md", "user_schema", "schema", "max_bytes", "num_partitions")
+
+    def __init__(self, md: TopicMetadata, max_bytes: int):
+        self.md = md
+        self.user_schema = schema_from_bytes(md.schema)
+        self.schema = stored_schema(self.user_schema)
+        self.num_partitions = md.num_partitions
+        topic_max = (md.config or {}).get("max_message_bytes")
+        self.max_bytes = min(max_bytes, int(topic_max)) if topic_max else max_bytes
+
+
+def _to_bytes(v: Any, what: str) -> bytes | None:
+    if v is None or isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    raise InvalidRequestError(f"{what} must be bytes, str or None, got {type(v).__name__}")
+
+
+def _binary_array(items: list) -> pa.Array:
+    """A binary Arrow array from a list of bytes (faster than pa.array when there are no nulls)."""
+    n = len(items)
+    if n == 0 or None in items:
+        return pa.array(items, type=pa.binary())
+    lens = np.fromiter(map(len, items), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    if offsets[-1] >= 2 ** 31:
+        return pa.array(items, type=pa.binary())
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                  pa.py_buffer(b"".join(items))])
+
+
+def _is_ambiguous(err: BaseException) -> bool:
+    return isinstance(err, (RayActorError, GetTimeoutError, BrokerTimeoutError, NotEnoughReplicasAfterAppendError))
+
+
+class Producer:
+    """Thread-safe producer. See the module docstring for the data path and error behaviour."""
+
+    def __init__(self, context: ClientContext, config: ProducerConfig | None = None,
+                 strict_ordering: bool = True):
+        self.context = context
+        # Ray does not keep the order of concurrent calls to an async actor (measured: a few % of
+        # pipelined calls arrive out of order), so several produce calls in flight per partition
+        # keep send order only when the broker can put them back in order by sequence number.
+        # strict_ordering: without idempotence (no sequence numbers) send one call at a time per
+        # partition. False pipelines anyway (faster, order within a partition not guaranteed).
+        self.strict_ordering = strict_ordering
+        self.config = config or ProducerConfig()
+        c = self.config
+        self._acks = c.acks_value
+        self._linger = c.linger_ms / 1000.0
+        self._batch_size = c.batch_size
+        self._max_inflight = c.max_in_flight_requests_per_connection
+        self._delivery_timeout = c.delivery_timeout_ms / 1000.0
+        self._request_timeout = c.request_timeout_ms / 1000.0
+        self._backoff = c.retry_backoff_ms / 1000.0
+        self._max_block = c.max_block_ms / 1000.0
+        self.idempotence = IdempotenceState()
+        self.sticky = StickyPartitioner()
+
+        self._lock = threading.RLock()
+        self._space = threading.Condition(self._lock)
+        self._wakeup = threading.Event()
+        self._topic_info: dict[str, _TopicInfo] = {}
+        self._buffers: dict[str, _TopicBuffer] = {}
+        self._accs: dict[tuple[str, int], _PartitionAcc] = {}
+        self._refs: dict[Any, _ProduceBatch] = {}
+        self._incomplete: set[BatchState] = set()
+        self._used_bytes = 0
+        self._flushing = 0
+        self._closed = False
+        self._stop = False       # sender exits once idle
+        self._abort: BaseException | None = None  # sender fails everything left and exits
+        self._thread = threading.Thread(target=self._run, name=f"ray_broker-producer-{c.client_id or id(self)}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ============================================================================== public API
+    def send(self, topic: str, value: bytes | str | None = None, key: bytes | str | None = None,
+             partition: int | None = None, headers: list[tuple[str, bytes]] | None = None,
+             timestamp: int | None = None) -> RecordFuture:
+        """Queue one record; the future's result is `RecordMetadata(topic, partition, offset)`."""
+        if self._closed:
+            raise InvalidRequestError("producer is closed")
+        info = self._info(topic)
+        if info.user_schema is not None:
+            raise InvalidRequestError(
+                f"topic {topic!r} has a declared schema; send() only writes key/value records: "
+                f"use send_batch() with a pyarrow RecordBatch of columns {info.user_schema.names}")
+        key = _to_bytes(key, "key")
+        value = _to_bytes(value, "value")
+        size = _RECORD_OVERHEAD + (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
+        if headers is not None:
+            headers, hsize = self._normalize_headers(headers)
+            size += hsize
+        if partition is not None:
+            if isinstance(partition, bool) or not isinstance(partition, int) \
+                    or not 0 <= partition < info.num_partitions:
+                info = self._info(topic, refresh=True)
+                if isinstance(partition, bool) or not isinstance(partition, int) \
+                        or not 0 <= partition < info.num_partitions:
+                    raise UnknownTopicOrPartitionError(
+                        f"topic {topic!r} has no partition {partition!r} (it has {info.num_partitions})")
+        if timestamp is None:
+            timestamp = time.time_ns() // 1_000_000
+        elif not isinstance(timestamp, int) or isinstance(timestamp, bool):
+            raise InvalidRequestError(f"timestamp must be int milliseconds, got {type(timestamp).__name__}")
+        if size > info.max_bytes:
+            raise RecordTooLargeError(
+                f"record of about {size} bytes is larger than max.message.bytes = {info.max_bytes}")
+        with self._lock:
+            if self._closed:
+                raise InvalidRequestError("producer is closed")
+            self._reserve(size)
+            tb = self._buffers.get(topic)
+            if tb is None:
+                tb = self._buffers[topic] = _TopicBuffer(topic)
+            st = tb.state
+            if st is None:
+                st = tb.state = BatchState(topic)
+                st._on_complete = self._release
+                self._incomplete.add(st)
+                tb.first_time = time.monotonic()
+                tb.threshold = self._batch_size
+                wake = True   # the sender sets its linger deadline
+            else:
+                wake = False
+            if (key is not None or partition is not None) and not (tb.has_key or tb.has_partition):
+                # records spread over partitions: let the buffer hold about batch_size per partition
+                tb.threshold = max(self._batch_size, min(self._batch_size * info.num_partitions,
+                                                         self.config.buffer_memory // 4))
+            st.nbytes += size
+            index = len(tb.values)
+            tb.keys.append(key)
+            tb.values.append(value)
+            tb.headers.append(headers)
+            tb.timestamps.append(timestamp)
+            tb.partitions.append(partition)
+            if headers is not None:
+                tb.has_headers = True
+            if partition is not None:
+                tb.has_partition = True
+            if key is not None:
+                tb.has_key = True
+            tb.nbytes += size
+            if tb.nbytes >= tb.threshold and tb.nbytes - size < tb.threshold:
+                wake = True
+        if wake:
+            self._wakeup.set()
+        return RecordFuture(st, index)
+
+    def send_batch(self, topic: str, batch: pa.RecordBatch | pa.Table, partition: int | None = None,
+                   key_column: str | None = None) -> BatchFuture:
+        """Queue many rows; the future's result is `BatchMetadata` aligned with the input rows.
+
+        Validation (schema, partition, sizes) happens here: errors raise before anything is sent.
+        """
+        if self._closed:
+            raise InvalidRequestError("producer is closed")
+        info = self._info(topic)
+        now = now_ms()
+        rb = normalize_batch(batch, info.user_schema, now)
+        if key_column is None and info.user_schema is None:
+            kidx = rb.schema.get_field_index("key")
+            if kidx >= 0 and rb.column(kidx).null_count < rb.num_rows:
+                key_column = "key"
+        if partition is not None and not (isinstance(partition, int) and 0 <= partition < info.num_partitions):
+            info = self._info(topic, refresh=True)
+        parts = compute_partitions(rb, info.num_partitions, topic, self.sticky, partition=partition,
+                                   key_column=key_column, available=self._available(info))
+        plan = plan_batch(rb, parts, self._chunk_limit(info))
+        st = BatchState(topic, rb.num_rows)
+        st.set_rows(parts)
+        fut = BatchFuture(st)
+        if not plan:
+            st.seal()
+            return fut
+        st.nbytes = rb.nbytes
+        st._on_complete = self._release
+        created = time.monotonic()
+        with self._lock:
+            if self._closed:
+                raise InvalidRequestError("producer is closed")
+            self._reserve(st.nbytes)
+            self._incomplete.add(st)
+            st.add_pieces(len(plan))
+            for p, sub, rows in plan:
+                self._add_piece(topic, p, _Piece(sub, st, rows, created))
+            st.seal()
+        self._wakeup.set()
+        return fut
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything queued so far and wait until it is acknowledged (or failed).
+
+        Raises `BrokerTimeoutError` if that takes longer than `timeout` seconds; failures of
+        individual records are reported through their futures, not here.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            states = list(self._incomplete)
+            self._flushing += 1
+        self._wakeup.set()
+        try:
+            for st in states:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                st.wait(remaining)
+        finally:
+            with self._lock:
+                self._flushing -= 1
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then stop the sender. Records still unsent after `timeout` fail with BrokerTimeoutError."""
+        with self._lock:
+            if self._closed and not self._thread.is_alive():
+                return
+            self._closed = True
+        if threading.current_thread() is self._thread:
+            raise InvalidRequestError("close() called from a producer callback; it would deadlock")
+        try:
+            self.flush(timeout)
+        except BrokerTimeoutError:
+            self._abort = BrokerTimeoutError("producer closed before the record was delivered")
+        with self._lock:
+            self._stop = True
+            if self._abort is None and self._incomplete:
+                self._abort = BrokerTimeoutError("producer closed before the record was delivered")
+        self._wakeup.set()
+        self._thread.join(timeout=None if self._abort is None else 5.0)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def partitions_for(self, topic: str) -> list[int]:
+        return list(range(self._info(topic).num_partitions))
+
+    # ============================================================================== caller side helpers
+    def _info(self, topic: str, refresh: bool = False) -> _TopicInfo:
+        md = self.context.topic_metadata(topic, refresh=refresh)
+        info = self._topic_info.get(topic)
+        if info is None or info.md is not md:
+            info = _TopicInfo(md, self.config.max_message_bytes)
+            self._topic_info[topic] = info
+        return info
+
+    @staticmethod
+    def _available(info: _TopicInfo) -> list[int]:
+        return [ps.partition for ps in info.md.partitions if ps.leader is not None]
+
+    @staticmethod
+    def _chunk_limit(info: _TopicInfo) -> int:
+        # leave room for IPC framing so a chunk the client accepts is not rejected by the broker
+        return max(1024, info.max_bytes - min(64 * 1024, info.max_bytes // 16))
+
+    @staticmethod
+    def _normalize_headers(headers) -> tuple[list[tuple[str, bytes]], int]:
+        if not isinstance(headers, (list, tuple)):
+            raise InvalidRequestError("headers must be a list of (str, bytes) pairs")
+        out = []
+        size = 8
+        for item in headers:
+            try:
+                hk, hv = item
+            except (TypeError, ValueError):
+                raise InvalidRequestError(f"header {item!r} is not a (str, bytes) pair") from None
+            if not isinstance(hk, str):
+                raise InvalidRequestError(f"header key {hk!r} must be str")
+            hv = _to_bytes(hv, "header value")
+            out.append((hk, hv))
+            size += len(hk) + (len(hv) if hv is not None else 0) + 8
+        return out, size
+
+    def _reserve(self, size: int) -> None:
+        """Reserve buffer memory (lock held); blocks up to max_block_ms when full."""
+        limit = self.config.buffer_memory
+        if self._used_bytes + size > limit and self._used_bytes > 0 \
+                and threading.current_thread() is not self._thread:
+            deadline = time.monotonic() + self._max_block
+            self._wakeup.set()
+            while self._used_bytes + size > limit and self._used_bytes > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerTimeoutError(
+                        f"buffer.memory ({limit} bytes) full for max.block.ms = {self.config.max_block_ms}")
+                self._space.wait(remaining)
+                if self._closed:
+                    raise InvalidRequestError("producer is closed")
+        self._used_bytes += size
+
+    def _release(self, st: BatchState) -> None:
+        with self._lock:
+            self._incomplete.discard(st)
+            self._used_bytes -= st.nbytes
+            self._space.notify_all()
+
+    def _add_piece(self, topic: str, partition: int, piece: _Piece) -> None:
+        """Queue a piece (lock held)."""
+        key = (topic, partition)
+        acc = self._accs.get(key)
+        if acc is None:
+            acc = self._accs[key] = _PartitionAcc(topic, partition)
+        if not acc.pending:
+            acc.first_time = piece.created
+        acc.pending.append(piece)
+        acc.pending_bytes += piece.batch.nbytes
+
+    # ============================================================================== sender thread
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._run_once():
+                    return
+            except Exception as exc:  # a bug: fail what we hold rather than hang callers
+                log.exception("producer sender loop failed")
+                self._fail_everything(exc)
+                time.sleep(0.01)
+
+    def _run_once(self) -> bool:
+        self._wakeup.clear()
+        if self._abort is not None:
+            self._fail_everything(self._abort)
+            return False
+        now = time.monotonic()
+        next_wake = now + 0.1
+        snaps = []
+        with self._lock:
+            flushing = self._flushing > 0 or self._closed
+            for tb in self._buffers.values():
+                if tb.state is None:
+                    continue
+                due = tb.first_time + self._linger   # linger of send() records happens here
+                if flushing or tb.nbytes >= tb.threshold or now >= due:
+                    snaps.append(tb.swap())
+                elif due < next_wake:
+                    next_wake = due
+        for snap in snaps:
+            self._partition_records(snap)
+        with self._lock:
+            accs = [a for a in self._accs.values() if a.pending or a.inflight]
+        for acc in accs:
+            t = self._service(acc, now, flushing)
+            if t is not None and t < next_wake:
+                next_wake = t
+        if not self._refs:
+            with self._lock:
+                idle = not accs and not any(tb.state is not None for tb in self._buffers.values())
+                if self._stop and idle and not self._incomplete:
+                    return False
+            timeout = max(0.0, next_wake - time.monotonic())
+            if accs or not idle:
+                timeout = min(timeout, max(self._linger, 0.001))
+            self._wakeup.wait(timeout)
+            return True
+        timeout = min(max(0.0, next_wake - time.monotonic()), 0.005)
+        refs = list(self._refs)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=False)
+        if ready and rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+            ready += more
+        touched = {}
+        for ref in ready:
+            b = self._refs.pop(ref, None)
+            if b is not None:
+                self._on_result(b, ref)
+                touched[(b.topic, b.partition)] = True
+        for key in touched:
+            acc = self._accs.get(key)
+            if acc is not None:
+                self._pop_completed(acc)
+        return True
+
+    # ------------------------------------------------------------------ records -> pieces
+    def _partition_records(self, snap: tuple) -> None:
+        keys, values, headers, timestamps, partitions, st, first_time, has_h, has_p, has_k = snap
+        topic = st.topic
+        try:
+            info = self._info(topic)
+            n = len(values)
+            key_arr = _binary_array(keys) if has_k else pa.nulls(n, pa.binary())
+            ts_arr = pa.array(np.fromiter(timestamps, dtype=np.int64, count=n)).cast(TIMESTAMP_TYPE)
+            cols = [ts_arr, key_arr, _binary_array(values),
+                    pa.array(headers, type=HEADERS_TYPE) if has_h else pa.nulls(n, HEADERS_TYPE)]
+            rb = pa.RecordBatch.from_arrays(cols, schema=stored_schema(None))
+            explicit = pa.array(partitions, type=pa.int64()).fill_null(-1).to_numpy() if has_p else None
+            parts = compute_partitions(rb, info.num_partitions, topic, self.sticky, explicit=explicit,
+                                       key_column="key" if has_k else None, available=self._available(info))
+            st.set_rows(parts)
+            plan = plan_batch(rb, parts, self._chunk_limit(info))
+        except BaseException as exc:
+            st.fail(exc)
+            return
+        with self._lock:
+            st.add_pieces(len(plan))
+            for p, sub, rows in plan:
+                self._add_piece(topic, p, _Piece(sub, st, rows, first_time))
+        st.seal()
+
+    # ------------------------------------------------------------------ per-partition service
+    def _service(self, acc: _PartitionAcc, now: float, flushing: bool) -> float | None:
+        """Expire, retry and send for one partition; returns when it next needs attention."""
+        wake: float | None = None
+        # request timeouts of calls in flight: outcome unknown, retry
+        for b in acc.inflight:
+            # the broker answers BrokerTimeoutError itself after timeout_ms; give it some grace first
+            if b.status == _INFLIGHT and now - b.sent_at > self._request_timeout * 1.25 + 1.0:
+                self._refs.pop(b.ref, None)
+                self._schedule_retry(b, BrokerTimeoutError(
+                    f"produce to {b.topic}-{b.partition} got no answer within request.timeout.ms"), True, now)
+        self._pop_completed(acc)
+        if acc.inflight:
+            head = acc.inflight[0]
+            if head.status == _RETRY:
+                if now >= head.deadline:
+                    self._expire(head)
+                    self._pop_completed(acc)
+                elif now >= head.retry_at:
+                    self._submit(head, now)
+                else:
+                    wake = head.retry_at
+        blocked = any(b.status == _RETRY for b in acc.inflight)
+        # expire pending pieces that waited longer than delivery.timeout.ms
+        while acc.pending and now - acc.pending[0].created > self._delivery_timeout:
+            with self._lock:
+                piece = acc.pending.popleft()
+                acc.pending_bytes -= piece.batch.nbytes
+                if acc.pending:
+                    acc.first_time = acc.pending[0].created
+            piece.state.piece_failed(piece.rows, BrokerTimeoutError(
+                f"record for {acc.topic}-{acc.partition} not sent within delivery.timeout.ms"))
+        max_inflight = self._max_inflight
+        if self.strict_ordering and not self.idempotence.enabled:
+            max_inflight = 1
+        while not blocked and acc.pending and len(acc.inflight) < max_inflight:
+            due = acc.first_time + self._linger
+            if not (flushing or acc.pending_bytes >= self._batch_size or now >= due):
+                wake = due if wake is None else min(wake, due)
+                break
+            b = self._drain(acc, now)
+            acc.inflight.append(b)
+            self._submit(b, now)
+            blocked = b.status == _RETRY
+            if b.status in (_DONE, _FAILED):
+                self._pop_completed(acc)
+        if blocked and wake is None and acc.inflight:
+            wake = min((b.retry_at for b in acc.inflight if b.status == _RETRY), default=None)
+        return wake
+
+    def _drain(self, acc: _PartitionAcc, now: float) -> _ProduceBatch:
+        """Build ONE batch from the partition's pending pieces (up to batch_size / max bytes)."""
+        info = self._topic_info.get(acc.topic)
+        limit = self._chunk_limit(info) if info is not None else self.config.max_message_bytes
+        with self._lock:
+            pieces = [acc.pending.popleft()]
+            total = pieces[0].batch.nbytes
+            while acc.pending and total < self._batch_size:
+                nb = acc.pending[0].batch.nbytes
+                if total + nb > limit:
+                    break
+                pieces.append(acc.pending.popleft())
+                total += nb
+            acc.pending_bytes -= total
+            if acc.pending:
+                acc.first_time = acc.pending[0].created
+        if len(pieces) == 1:
+            batch = pieces[0].batch
+            if batch.num_rows and batch.column(0).offset:  # a slice: compact it before shipping
+                batch = pa.concat_batches([batch])
+        else:
+            batch = pa.concat_batches([p.batch for p in pieces])
+        created = min(p.created for p in pieces)
+        b = _ProduceBatch(acc.topic, acc.partition, batch, pieces, created, created + self._delivery_timeout)
+        b.producer_id, b.producer_epoch, b.base_sequence = self.idempotence.assign(
+            acc.topic, acc.partition, batch.num_rows)
+        return b
+
+    def _submit(self, b: _ProduceBatch, now: float) -> None:
+        ctx = self.context
+        try:
+            leader, handle = ctx.leader_handle(b.topic, b.partition)
+            ref = handle.produce.remote(b.batch, self._acks, int(self._request_timeout * 1000),
+                                        b.producer_id, b.producer_epoch, b.base_sequence,
+                                        self.idempotence.transactional)
+        except BaseException as exc:
+            err = unwrap_error(exc)
+            if isinstance(err, BrokerError) and not err.retriable:
+                self._finish(b, error=err)
+            elif isinstance(err, (BrokerError, RayActorError)):
+                ctx.on_error(b.topic, b.partition)
+                self._schedule_retry(b, err, False, now)
+            else:
+                self._finish(b, error=err)
+            return
+        b.leader = leader
+        b.sent_at = now
+        b.sent_behind = False
+        acc = self._accs.get((b.topic, b.partition))
+        if acc is not None:
+            for other in acc.inflight:
+                if other is b:
+                    break
+                if other.status not in (_DONE, _FAILED):
+                    b.sent_behind = True
+                    break
+        b.attempts += 1
+        b.status = _INFLIGHT
+        info = self._topic_info.get(b.topic)
+        if info is not None:
+            self.sticky.on_batch_sent(b.topic, b.partition, info.num_partitions, self._available(info))
+        if self._acks == 0:
+            b.status = _DONE
+            b.base_offset = -1
+            return
+        b.ref = ref
+        self._refs[ref] = b
+
+    def _on_result(self, b: _ProduceBatch, ref) -> None:
+        now = time.monotonic()
+        try:
+            res = ray.get(ref, timeout=0)
+        except BaseException as exc:
+            err = unwrap_error(exc)
+            if isinstance(err, OutOfOrderSequenceError) and b.sent_behind and b.base_sequence >= 0:
+                # overtook an earlier batch in flight (Ray may reorder concurrent calls): resend it
+                # once it is at the head of the line; a real gap fails it there.
+                b.sent_behind = False
+                self._schedule_retry(b, err, False, now, backoff=0.0)
+                return
+            retriable = isinstance(err, RayActorError) or (isinstance(err, BrokerError) and err.retriable)
+            if retriable:
+                self.context.on_error(b.topic, b.partition, b.leader if isinstance(err, RayActorError) else None)
+                self._schedule_retry(b, err, _is_ambiguous(err), now)
+            else:
+                self._finish(b, error=err)
+            return
+        b.base_offset = int(res.base_offset)
+        b.status = _DONE
+
+    def _schedule_retry(self, b: _ProduceBatch, err: BaseException, ambiguous: bool, now: float,
+                        backoff: float | None = None) -> None:
+        b.status = _RETRY
+        b.ref = None
+        b.ambiguous = b.ambiguous or ambiguous
+        b.last_error = err
+        b.retry_at = now + (self._backoff if backoff is None else backoff)
+        log.debug("retrying produce to %s-%d after %r", b.topic, b.partition, err)
+
+    def _expire(self, b: _ProduceBatch) -> None:
+        msg = (f"produce to {b.topic}-{b.partition} not acknowledged within delivery.timeout.ms "
+               f"({self.config.delivery_timeout_ms} ms, {b.attempts} attempts); last error: {b.last_error}")
+        if b.ambiguous:
+            self._finish(b, error=UnknownOutcomeError(msg + "; the records may or may not have been written"))
+        else:
+            self._finish(b, error=BrokerTimeoutError(msg))
+
+    def _finish(self, b: _ProduceBatch, error: BaseException | None = None) -> None:
+        b.status = _FAILED if error is not None else _DONE
+        b.error = error
+        b.ref = None
+
+    def _pop_completed(self, acc: _PartitionAcc) -> None:
+        """Complete finished batches at the head of the line, in order."""
+        while acc.inflight and acc.inflight[0].status in (_DONE, _FAILED):
+            b = acc.inflight.popleft()
+            pos = 0
+            for piece in b.pieces:
+                n = len(piece.rows)
+                if b.status == _DONE:
+                    piece.state.piece_succeeded(piece.rows, b.base_offset + pos if b.base_offset >= 0 else -1)
+                else:
+                    piece.state.piece_failed(piece.rows, b.error)
+                pos += n
+            b.pieces = []
+            b.batch = None
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._lock:
+            snaps = [tb.swap() for tb in self._buffers.values() if tb.state is not None]
+            accs = list(self._accs.values())
+            self._accs.clear()
+            self._refs.clear()
+            states = list(self._incomplete)
+        for snap in snaps:
+            snap[5].fail(exc)
+        for acc in accs:
+            for piece in acc.pending:
+                piece.state.piece_failed(piece.rows, exc)
+            for b in acc.inflight:
+                for piece in b.pieces:
+                    piece.state.piece_failed(piece.rows, exc)
+        for st in states:
+            st.fail(exc)

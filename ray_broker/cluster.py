@@ -1,0 +1,166 @@
+"""`rb.connect()`: attach to a broker on a Ray cluster, or start an embedded one; and the admin client."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+import ray
+
+from .config import BrokerConfig, ConsumerConfig, ProducerConfig, load_config_file
+from .errors import BrokerNotFoundError, BrokerTimeoutError, InvalidConfigError
+from .protocol import NAMESPACE, TopicDescription
+from .records import schema_to_bytes
+
+DEFAULT_DATA_DIR = "./ray_broker_data"
+
+
+def _broker_config(config: Mapping[str, Any] | str | os.PathLike | None) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config_file(config)
+    # validate now, in the caller's process, so a typo fails here and not inside an actor
+    return BrokerConfig.from_dict(config).to_dict()
+
+
+def deploy(namespace: str = NAMESPACE, data_dir: str = DEFAULT_DATA_DIR, config=None, timeout_s: float = 60.0):
+    """Start (or find) the controller on the current Ray cluster; returns its handle."""
+    from .actors.deployment import start_controller
+
+    return start_controller(namespace, os.path.abspath(data_dir), _broker_config(config), timeout_s)
+
+
+def find_controller(namespace: str = NAMESPACE):
+    from .actors.deployment import ensure_controller
+
+    handle = ensure_controller(namespace)
+    if handle is None:
+        raise BrokerNotFoundError(
+            f"no ray_broker is deployed in Ray namespace {namespace!r}; start one with `ray-broker start`")
+    return handle
+
+
+class Cluster:
+    """A connection to one broker deployment; makes admin, producer and consumer clients."""
+
+    def __init__(self, namespace: str, controller, started_ray: bool, data_dir: str | None):
+        from .client.metadata_cache import ClientContext
+
+        self.namespace = namespace
+        self.controller = controller
+        self.data_dir = data_dir
+        self._started_ray = started_ray
+        self._context = ClientContext(namespace)
+        self._clients: list = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def admin(self) -> "Admin":
+        return Admin(self)
+
+    def producer(self, config: Mapping[str, Any] | None = None, **kw):
+        from .client.producer import Producer
+
+        p = Producer(self._context, ProducerConfig.from_dict(config, **kw))
+        with self._lock:
+            self._clients.append(p)
+        return p
+
+    def consumer(self, config: Mapping[str, Any] | None = None, **kw):
+        from .client.consumer import Consumer
+
+        c = Consumer(self._context, ConsumerConfig.from_dict(config, **kw))
+        with self._lock:
+            self._clients.append(c)
+        return c
+
+    def shutdown(self) -> None:
+        """Close clients made here; stop Ray only if `connect` started it."""
+        if self._closed:
+            return
+        self._closed = True
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._started_ray:
+            try:
+                ray.get(self.controller.shutdown_broker.remote(), timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+            ray.shutdown()
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def connect(address: str | None = None, namespace: str = NAMESPACE, data_dir: str | None = None,
+            config: Mapping[str, Any] | str | None = None) -> Cluster:
+    """Attach to the broker in `namespace`, or start an embedded local Ray and broker.
+
+    - Ray already initialised in this process, or `address` / RAY_ADDRESS given: use that cluster;
+      raise BrokerNotFoundError if no broker is deployed there.
+    - Otherwise: start a local Ray and a broker storing data in `data_dir` (default ./ray_broker_data).
+    """
+    broker_config = _broker_config(config)  # fail fast on bad configs
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or address:
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
+        return Cluster(namespace, find_controller(namespace), started_ray=False, data_dir=data_dir)
+    ray.init(namespace=namespace, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             configure_logging=False)
+    data_dir = os.path.abspath(data_dir or DEFAULT_DATA_DIR)
+    controller = deploy(namespace, data_dir, broker_config)
+    return Cluster(namespace, controller, started_ray=True, data_dir=data_dir)
+
+
+class Admin:
+    """Topic administration (Kafka's AdminClient, synchronous)."""
+
+    def __init__(self, cluster: Cluster):
+        self._cluster = cluster
+        self._controller = cluster.controller
+
+    def _call(self, method, *args, timeout: float = 120.0, **kw):
+        try:
+            return ray.get(getattr(self._controller, method).remote(*args, **kw), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise BrokerTimeoutError(f"admin {method} did not answer within {timeout} s") from None
+        except ray.exceptions.RayActorError:
+            # the controller restarted mid-call; calls are idempotent or fail cleanly, so retry once
+            time.sleep(1.0)
+            self._controller = find_controller(self._cluster.namespace)
+            return ray.get(getattr(self._controller, method).remote(*args, **kw), timeout=timeout)
+
+    def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1,
+                     config: Mapping[str, Any] | None = None, schema=None) -> TopicDescription:
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidConfigError(f"topic config must be a mapping, got {type(config).__name__}")
+        from .records import validate_user_schema
+
+        schema_bytes = None if schema is None else schema_to_bytes(validate_user_schema(schema))
+        self._call("create_topic", name, partitions, replication_factor, dict(config or {}), schema_bytes)
+        self._cluster._context.invalidate(name)
+        return self.describe_topic(name)
+
+    def delete_topic(self, name: str) -> None:
+        self._call("delete_topic", name)
+        self._cluster._context.invalidate(name)
+
+    def list_topics(self, include_internal: bool = False) -> list[str]:
+        return self._call("list_topics", include_internal)
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        return self._call("describe_topic", name)
+
+    def alter_topic_schema(self, name: str, schema) -> None:
+        """Evolve a schema'd topic: only new nullable columns may be added."""
+        self._call("alter_topic_schema", name, schema_to_bytes(schema))
+        self._cluster._context.invalidate(name)

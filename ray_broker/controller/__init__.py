@@ -1,0 +1,1 @@
+"""Pure cluster-metadata state machine; the ControllerActor wraps it."""

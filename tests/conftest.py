@@ -1,0 +1,38 @@
+"""Shared fixtures: one local Ray + broker per test session; helpers for waiting on cluster state."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """A broker deployed on a local Ray shared by the session's integration tests."""
+    import ray
+
+    import ray_broker as rb
+
+    data_dir = tmp_path_factory.mktemp("broker-data")
+    ray.init(num_cpus=2, namespace="ray_broker", include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, configure_logging=False)
+    rb.deploy(data_dir=str(data_dir), config={"replica.health.check.interval.ms": 100,
+                                              "replica.lag.time.max.ms": 5000})
+    cluster = rb.connect()
+    cluster.data_dir = str(data_dir)
+    yield cluster
+    cluster.shutdown()
+    ray.shutdown()
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def topic_name(request):
+    """A fresh topic name per test (the session's broker is shared)."""
+    base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[:60]
+    return f"{base}-{next(_names)}"

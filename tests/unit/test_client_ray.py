@@ -1,0 +1,517 @@
+"""Producer and consumer against fake controller/replica actors on a real local Ray."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+
+import cloudpickle
+import pyarrow as pa
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ray_broker.client import ClientContext, Consumer, Producer  # noqa: E402
+from ray_broker.client.partitioner import partition_for_key  # noqa: E402
+from ray_broker.config import ConsumerConfig, ProducerConfig  # noqa: E402
+from ray_broker.errors import (BrokerTimeoutError, InvalidRequestError, LeaderNotAvailableError,  # noqa: E402
+                               NotLeaderOrFollowerError, OffsetOutOfRangeError, RecordTooLargeError,
+                               SchemaMismatchError, UnknownOutcomeError, UnknownTopicOrPartitionError)
+from ray_broker.protocol import (FetchResult, PartitionState, ProduceResult, TopicMetadata,  # noqa: E402
+                                 replica_actor_name)
+from ray_broker.records import TopicPartition, schema_to_bytes, stored_schema, with_offsets  # noqa: E402
+
+NS = "rb_client_test"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# actors below are shipped to workers by value (this test module is not importable there)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@ray.remote
+class FakeController:
+    def __init__(self):
+        self.topics: dict[str, TopicMetadata] = {}
+
+    def add_topic(self, md: TopicMetadata) -> None:
+        self.topics[md.name] = md
+
+    def set_leader(self, topic: str, partition: int, leader) -> None:
+        md = self.topics[topic]
+        parts = list(md.partitions)
+        ps = parts[partition]
+        parts[partition] = PartitionState(partition, ps.replicas, leader, ps.leader_epoch + 1, ps.isr)
+        self.topics[topic] = TopicMetadata(md.name, md.topic_id, tuple(parts), md.config, md.schema)
+
+    def get_metadata(self, topics=None):
+        from ray_broker.errors import UnknownTopicOrPartitionError
+        names = list(self.topics) if topics is None else topics
+        for t in names:
+            if t not in self.topics:
+                raise UnknownTopicOrPartitionError(f"unknown topic {t!r}")
+        return {t: self.topics[t] for t in names}
+
+
+@ray.remote
+class FakeReplica:
+    """In-memory partition log (async actor, like the real replica)."""
+
+    def __init__(self, user_schema_bytes=None):
+        from ray_broker.records import schema_from_bytes
+        self.schema = stored_schema(schema_from_bytes(user_schema_bytes))
+        self.batches: list[tuple[int, pa.RecordBatch]] = []
+        self.end = 0
+        self.log_start = 0
+        self.calls: list[tuple] = []
+        self.fail_produce: list = []
+        self.fail_fetch: list = []
+        self.delay = 0.0
+        self.producers: dict[int, tuple[int, int, int]] = {}   # pid -> (epoch, next seq, last base offset)
+        self.active = 0
+        self.max_active = 0
+
+    def inject(self, produce=None, fetch=None, delay=None):
+        if produce:
+            self.fail_produce.extend(produce)
+        if fetch:
+            self.fail_fetch.extend(fetch)
+        if delay is not None:
+            self.delay = delay
+
+    def clear(self):
+        self.fail_produce.clear()
+        self.fail_fetch.clear()
+        self.delay = 0.0
+
+    def get_calls(self):
+        return self.calls
+
+    def get_max_active(self):
+        m, self.max_active = self.max_active, 0
+        return m
+
+    def set_log_start(self, offset):
+        self.log_start = offset
+
+    async def produce(self, batch, acks, timeout_ms, producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                      is_transactional=False):
+        from ray_broker.errors import SchemaMismatchError
+        self.calls.append((batch.num_rows, producer_id, producer_epoch, base_sequence, acks))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
+        if self.fail_produce:
+            raise self.fail_produce.pop(0)
+        if not batch.schema.equals(self.schema, check_metadata=False):
+            raise SchemaMismatchError(f"{batch.schema} != {self.schema}")
+        if producer_id >= 0:
+            from ray_broker.errors import OutOfOrderSequenceError
+            epoch, nxt, last_base = self.producers.get(producer_id, (producer_epoch, 0, -1))
+            if base_sequence + batch.num_rows == nxt and last_base >= 0:
+                return ProduceResult(last_base, self.log_start, duplicate=True)
+            if base_sequence != nxt:
+                raise OutOfOrderSequenceError(f"expected sequence {nxt}, got {base_sequence}")
+            self.producers[producer_id] = (producer_epoch, nxt + batch.num_rows, self.end)
+        base = self.end
+        self.batches.append((base, batch))
+        self.end += batch.num_rows
+        return ProduceResult(base, self.log_start)
+
+    async def fetch(self, offset, max_bytes, isolation_level, max_wait_ms):
+        from ray_broker.errors import OffsetOutOfRangeError
+        if self.fail_fetch:
+            raise self.fail_fetch.pop(0)
+        if offset < self.log_start or offset > self.end:
+            raise OffsetOutOfRangeError(f"offset {offset} outside [{self.log_start}, {self.end}]")
+        deadline = time.monotonic() + max_wait_ms / 1000
+        while offset >= self.end and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        out, size, pos = [], 0, offset
+        for base, b in self.batches:
+            if base + b.num_rows <= pos:
+                continue
+            part = b.slice(pos - base)
+            if out and size + part.nbytes > max_bytes:
+                break
+            out.append(with_offsets(part, pos))
+            size += part.nbytes
+            pos += part.num_rows
+        return FetchResult(out, self.end, self.end, self.log_start, pos)
+
+    async def list_offset(self, which, isolation_level):
+        return self.log_start if which == "earliest" else self.end
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NS, log_to_driver=False)
+    ctrl = FakeController.options(name="controller", namespace=NS).remote()
+    ray.get(ctrl.get_metadata.remote([]))
+    yield ctrl
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def make_topic(ctrl, partitions=1, schema: pa.Schema | None = None, max_message_bytes=None):
+    name = f"t{uuid.uuid4().hex[:8]}"
+    sb = schema_to_bytes(schema)
+    reps = [FakeReplica.options(name=replica_actor_name(name, p, 0), namespace=NS).remote(sb)
+            for p in range(partitions)]
+    config = {} if max_message_bytes is None else {"max_message_bytes": max_message_bytes}
+    md = TopicMetadata(name, uuid.uuid4().hex, tuple(PartitionState(p, (0,), 0, 0, (0,)) for p in range(partitions)),
+                       config, sb)
+    ray.get(ctrl.add_topic.remote(md))
+    ray.get([r.get_calls.remote() for r in reps])   # actors are up
+    return name, reps
+
+
+def pcfg(**kw):
+    base = dict(linger_ms=5, retry_backoff_ms=20, delivery_timeout_ms=5000, request_timeout_ms=3000)
+    base.update(kw)
+    return ProducerConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def ctx(cluster):
+    return ClientContext(NS)
+
+
+@pytest.fixture(scope="module")
+def shared(cluster):
+    """One single-partition topic reused by several tests (actor start-up is the slow part)."""
+    return make_topic(cluster, 1)
+
+
+def log_end(rep) -> int:
+    return ray.get(rep.list_offset.remote("latest", "read_uncommitted"))
+
+
+# ------------------------------------------------------------------------------------------ producer
+def test_send_keyed_batches_and_offsets(cluster, ctx):
+    topic, reps = make_topic(cluster, 3)
+    with Producer(ctx, pcfg(linger_ms=20)) as prod:
+        futs = [prod.send(topic, value=f"v{i}", key=f"k{i % 50}") for i in range(3000)]
+        prod.flush(timeout=10)
+        mds = [f.result(timeout=0) for f in futs]
+    for i, md in enumerate(mds):
+        assert md.topic == topic and md.partition == partition_for_key(f"k{i % 50}".encode(), 3)
+    per_part: dict[int, list[int]] = {}
+    for md in mds:
+        per_part.setdefault(md.partition, []).append(md.offset)
+    for p, offs in per_part.items():
+        assert offs == list(range(len(offs))), "offsets follow send order per partition"
+    calls = ray.get([r.get_calls.remote() for r in reps])
+    assert sum(c[0] for cs in calls for c in cs) == 3000
+    assert sum(len(cs) for cs in calls) < 100, "records are batched"
+    # read back through the consumer
+    with Consumer(ctx, ConsumerConfig(auto_offset_reset="earliest")) as cons:
+        tps = [TopicPartition(topic, p) for p in range(3)]
+        cons.assign(tps)
+        got: dict[int, list] = {}
+        deadline = time.monotonic() + 10
+        while sum(len(v) for v in got.values()) < 3000 and time.monotonic() < deadline:
+            for tp, b in cons.poll(0.5).items():
+                assert b.schema.names[:2] == ["offset", "timestamp"]
+                got.setdefault(tp.partition, []).extend(b.column("value").to_pylist())
+        assert sum(len(v) for v in got.values()) == 3000
+        for i, md in enumerate(mds):
+            assert got[md.partition][md.offset] == f"v{i}".encode()
+        assert cons.end_offsets(tps) == {TopicPartition(topic, p): len(per_part.get(p, [])) for p in range(3)}
+
+
+def test_send_headers_timestamp_partition_and_errors(cluster, ctx):
+    topic, reps = make_topic(cluster, 2, max_message_bytes=4096)
+    with Producer(ctx, pcfg()) as prod:
+        f = prod.send(topic, value=b"x", partition=1, headers=[("h", b"v")], timestamp=1234)
+        assert f.result(timeout=10) == (topic, 1, 0)
+        with pytest.raises(UnknownTopicOrPartitionError, match="partition 5"):
+            prod.send(topic, value=b"x", partition=5)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            prod.send("no-such-topic", value=b"x")
+        with pytest.raises(RecordTooLargeError):
+            prod.send(topic, value=b"x" * 10_000)
+        f2 = prod.send(topic, value=b"unkeyed")
+        assert f2.result(timeout=10).partition in (0, 1)
+    with pytest.raises(InvalidRequestError):
+        prod.send(topic, value=b"x")
+    with pytest.raises(InvalidRequestError):
+        prod.send_batch(topic, pa.table({"value": [b"x"]}))
+    c = Consumer(ctx, ConsumerConfig(auto_offset_reset="earliest"))
+    c.assign([TopicPartition(topic, 1)])
+    out = {}
+    deadline = time.monotonic() + 5
+    while not out and time.monotonic() < deadline:
+        out = c.poll(0.5)
+    row = out[TopicPartition(topic, 1)].to_pylist()[0]
+    assert row["offset"] == 0 and row["value"] == b"x" and row["headers"] == [{"key": "h", "value": b"v"}]
+    assert row["timestamp"].timestamp() == 1.234
+    c.close()
+
+
+def test_send_batch_keyed_split_and_schema_topic(cluster, ctx):
+    topic, reps = make_topic(cluster, 2)
+    n = 5000
+    keys = [f"user-{i % 97}" for i in range(n)]
+    table = pa.table({"key": keys, "value": [f"value-{i}" for i in range(n)]})
+    with Producer(ctx, pcfg(max_message_bytes=20_000, batch_size=20_000)) as prod:
+        md = prod.send_batch(topic, table).result(timeout=20)
+        assert len(md) == n
+        assert md.partitions.tolist() == [partition_for_key(k.encode(), 2) for k in keys]
+        for p in range(2):
+            offs = md.offsets[md.partitions == p]
+            assert offs.tolist() == list(range(len(offs)))
+        calls = ray.get([r.get_calls.remote() for r in reps])
+        assert max(c[0] for cs in calls for c in cs) < n // 4, "split by max_message_bytes"
+        # explicit partition; a bad column type fails in the caller's thread, nothing queued
+        md2 = prod.send_batch(topic, pa.record_batch({"value": [b"a", b"b"]}), partition=1).result(timeout=10)
+        assert md2.partitions.tolist() == [1, 1]
+        with pytest.raises(SchemaMismatchError):
+            prod.send_batch(topic, pa.record_batch({"value": [1, 2]}))
+        with pytest.raises(RecordTooLargeError):
+            prod.send_batch(topic, pa.record_batch({"value": [b"x" * 30_000]}))
+
+    user = pa.schema([pa.field("id", pa.int64()), pa.field("name", pa.string())])
+    st, sreps = make_topic(cluster, 2, schema=user)
+    with Producer(ctx, pcfg()) as prod:
+        with pytest.raises(InvalidRequestError, match="send_batch"):
+            prod.send(st, value=b"x")
+        with pytest.raises(SchemaMismatchError):
+            prod.send_batch(st, pa.record_batch({"id": pa.array([1], pa.int32())}))
+        rb = pa.record_batch({"id": pa.array([1, 2, 3], pa.int64()), "name": ["a", "b", "c"]})
+        md = prod.send_batch(st, rb, key_column="name").result(timeout=10)
+        assert md.partitions.tolist() == [partition_for_key(x.encode(), 2) for x in "abc"]
+        md = prod.send_batch(st, pa.Table.from_batches([rb, rb])).result(timeout=10)   # sticky: one partition
+        assert len(set(md.partitions.tolist())) == 1 and len(md) == 6
+
+
+def test_retry_keeps_sequence_and_order(cluster, ctx, shared):
+    topic, reps = shared
+    base, ncalls = log_end(reps[0]), len(ray.get(reps[0].get_calls.remote()))
+    ray.get(reps[0].inject.remote(produce=[NotLeaderOrFollowerError("moved"), NotLeaderOrFollowerError("moved")]))
+    prod = Producer(ctx, pcfg(linger_ms=0, batch_size=200))
+    prod.idempotence.enabled = True
+    prod.idempotence.producer_id, prod.idempotence.producer_epoch = 42, 3
+    futs = [prod.send(topic, value=b"%03d" % i) for i in range(60)]
+    prod.flush(timeout=10)
+    mds = [f.result(timeout=0) for f in futs]
+    assert [m.offset for m in mds] == list(range(base, base + 60)), "order preserved across retries"
+    calls = ray.get(reps[0].get_calls.remote())[ncalls:]
+    assert calls[0][1:4] == (42, 3, 0)
+    assert calls[1][3] == 0 or calls[2][3] == 0, "the retry resends the same base_sequence"
+    seqs = {}
+    for rows, pid, epoch, seq, acks in calls:
+        seqs.setdefault(seq, set()).add(rows)
+        assert acks == -1
+    assert all(len(v) == 1 for v in seqs.values()), "a sequence always carries the same batch"
+    prod.close()
+
+
+def test_non_retriable_and_delivery_timeout(cluster, ctx, shared):
+    topic, reps = shared
+    base = log_end(reps[0])
+    with Producer(ctx, pcfg(linger_ms=0)) as prod:
+        ray.get(reps[0].inject.remote(produce=[RecordTooLargeError("too big")]))
+        with pytest.raises(RecordTooLargeError):
+            prod.send(topic, value=b"a").result(timeout=10)
+        ok = prod.send(topic, value=b"b").result(timeout=10)
+        assert ok.offset == base
+    # retriable but ambiguous (timeout after send) until the delivery timeout -> UnknownOutcomeError
+    with Producer(ctx, pcfg(linger_ms=0, delivery_timeout_ms=300, retry_backoff_ms=20)) as prod:
+        ray.get(reps[0].inject.remote(produce=[BrokerTimeoutError("slow")] * 1000))
+        with pytest.raises(UnknownOutcomeError):
+            prod.send(topic, value=b"c").result(timeout=10)
+    ray.get(reps[0].clear.remote())
+
+
+def test_leader_unavailable_then_elected(cluster, ctx, shared):
+    topic, reps = shared
+    base = log_end(reps[0])
+    ray.get(cluster.set_leader.remote(topic, 0, None))
+    ctx.invalidate(topic)
+    with pytest.raises(LeaderNotAvailableError):
+        ctx.leader_handle(topic, 0)
+    with Producer(ctx, pcfg(linger_ms=0)) as prod:
+        fut = prod.send(topic, value=b"x")
+        time.sleep(0.2)
+        assert not fut.done()
+        ray.get(cluster.set_leader.remote(topic, 0, 0))
+        assert fut.result(timeout=10).offset == base
+    # leader stays None past the delivery timeout: not sent, so a plain timeout
+    ray.get(cluster.set_leader.remote(topic, 0, None))
+    ctx.invalidate(topic)
+    with Producer(ctx, pcfg(linger_ms=0, delivery_timeout_ms=300)) as prod:
+        with pytest.raises(BrokerTimeoutError) as ei:
+            prod.send(topic, value=b"y").result(timeout=10)
+        assert not isinstance(ei.value, UnknownOutcomeError)
+    ray.get(cluster.set_leader.remote(topic, 0, 0))
+    ctx.invalidate(topic)
+
+
+def test_inflight_pipelining_acks0_and_buffer_memory(cluster, ctx, shared):
+    topic, reps = shared
+    base = log_end(reps[0])
+    ray.get(reps[0].get_max_active.remote())
+    ray.get(reps[0].inject.remote(delay=0.1))
+    # without sequence numbers: one call at a time per partition (Ray may reorder concurrent calls)
+    with Producer(ctx, pcfg(linger_ms=0, batch_size=100)) as prod:
+        futs = [prod.send(topic, value=b"%04d" % i) for i in range(4)]
+        prod.flush(timeout=10)
+        assert [f.result().offset for f in futs] == [base, base + 1, base + 2, base + 3]
+    assert ray.get(reps[0].get_max_active.remote()) == 1
+    # with idempotence: several calls in flight
+    with Producer(ctx, pcfg(linger_ms=0, batch_size=100)) as prod:
+        prod.idempotence.enabled = True
+        prod.idempotence.producer_id, prod.idempotence.producer_epoch = 1, 0
+        t0 = time.monotonic()
+        futs = []
+        for i in range(10):
+            futs.append(prod.send(topic, value=b"%04d" % i))
+            time.sleep(0.005)
+        prod.flush(timeout=10)
+        assert [f.result().offset for f in futs] == list(range(base + 4, base + 14))
+        assert time.monotonic() - t0 < 0.9, "several produce calls in flight at once"
+    assert ray.get(reps[0].get_max_active.remote()) > 1
+    # buffer.memory full -> send blocks up to max.block.ms, then BrokerTimeoutError
+    with Producer(ctx, pcfg(linger_ms=0, buffer_memory=300, max_block_ms=100)) as prod:
+        t0 = time.monotonic()
+        with pytest.raises(BrokerTimeoutError):
+            for _ in range(50):
+                prod.send(topic, value=b"z" * 100)
+        assert time.monotonic() - t0 < 2
+    ray.get(reps[0].inject.remote(delay=0.0))
+    # many small pipelined batches: batches Ray delivers out of order are resent in order
+    with Producer(ctx, pcfg(linger_ms=0, batch_size=64)) as prod:
+        prod.idempotence.enabled = True
+        prod.idempotence.producer_id, prod.idempotence.producer_epoch = 2, 0
+        futs = [prod.send(topic, value=b"%05d" % i) for i in range(1500)]
+        prod.flush(timeout=20)
+        offs = [f.result().offset for f in futs]
+        assert offs == list(range(offs[0], offs[0] + 1500))
+    with Producer(ctx, pcfg(acks="0")) as prod:
+        assert prod.send(topic, value=b"q").result(timeout=10).offset == -1
+        assert prod.send_batch(topic, pa.table({"value": [b"1", b"2"]})).result(timeout=10).offsets.tolist() == [-1, -1]
+
+
+def test_callbacks_and_close_semantics(cluster, ctx, shared):
+    topic, reps = shared
+    base = log_end(reps[0])
+    prod = Producer(ctx, pcfg())
+    got = []
+    for i in range(5):
+        prod.send(topic, value=b"%d" % i).add_done_callback(lambda f: got.append(f.result().offset))
+    prod.close(timeout=10)
+    assert sorted(got) == list(range(base, base + 5))
+    prod.close()   # idempotent
+    assert prod.closed
+
+
+# ------------------------------------------------------------------------------------------ consumer
+def _fill(ctx, topic, n, partition=0):
+    with Producer(ctx, pcfg(linger_ms=0)) as prod:
+        prod.send_batch(topic, pa.table({"value": [b"%d" % i for i in range(n)]}), partition=partition).result(10)
+
+
+def _poll_until(cons, n, timeout=10):
+    rows = []
+    deadline = time.monotonic() + timeout
+    while len(rows) < n and time.monotonic() < deadline:
+        for tp, b in cons.poll(0.3).items():
+            rows.extend(b.column("offset").to_pylist())
+    return rows
+
+
+def test_consumer_seek_position_reset_and_limits(cluster, ctx):
+    topic, reps = make_topic(cluster, 2)
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    _fill(ctx, topic, 100)
+    cons = Consumer(ctx, ConsumerConfig(auto_offset_reset="latest", max_poll_records=30, fetch_max_wait_ms=50))
+    with pytest.raises(UnknownTopicOrPartitionError):
+        cons.assign([TopicPartition(topic, 7)])
+    with pytest.raises(InvalidRequestError):
+        cons.poll(0)
+    cons.assign([tp0, tp1])
+    assert cons.assignment() == {tp0, tp1}
+    assert cons.position(tp0) == 100   # latest
+    assert cons.beginning_offsets([tp0]) == {tp0: 0}
+    assert cons.end_offsets([tp0, tp1]) == {tp0: 100, tp1: 0}
+    t0 = time.monotonic()
+    assert cons.poll(0.2) == {}
+    assert time.monotonic() - t0 < 2
+    cons.seek_to_beginning([tp0])
+    assert cons.position(tp0) == 0
+    out = {}
+    while not out:
+        out = cons.poll(2)
+    assert out[tp0].num_rows == 30 and out[tp0].column("offset").to_pylist() == list(range(30))
+    assert cons.position(tp0) == 30    # the rest is buffered
+    rest = _poll_until(cons, 70)
+    assert rest == list(range(30, 100))
+    # a seek discards what was fetched for the old position
+    cons.seek(tp0, 95)
+    assert _poll_until(cons, 5) == [95, 96, 97, 98, 99]
+    cons.seek_to_end()
+    assert cons.position(tp0) == 100 and cons.position(tp1) == 0
+    # out of range -> auto.offset.reset (latest)
+    cons.seek(tp0, 500)
+    assert cons.poll(0.3) == {}
+    assert cons.position(tp0) == 100
+    # new data arrives while a long-poll is in flight
+    _fill(ctx, topic, 10)
+    assert _poll_until(cons, 10) == list(range(100, 110))
+    cons.close()
+    with pytest.raises(InvalidRequestError):
+        cons.poll(0)
+
+
+def test_consumer_reset_none_and_retriable_fetch_errors(cluster, ctx):
+    topic, reps = make_topic(cluster, 1)
+    tp = TopicPartition(topic, 0)
+    _fill(ctx, topic, 20)
+    cons = Consumer(ctx, ConsumerConfig(auto_offset_reset="none", fetch_max_wait_ms=50))
+    cons.assign([tp])
+    with pytest.raises(OffsetOutOfRangeError):
+        cons.position(tp)
+    cons.seek(tp, 5)
+    ray.get(reps[0].inject.remote(fetch=[NotLeaderOrFollowerError("moved"), LeaderNotAvailableError("x")]))
+    assert _poll_until(cons, 15) == list(range(5, 20))
+    cons.seek(tp, 50)
+    with pytest.raises(OffsetOutOfRangeError):
+        for _ in range(20):
+            cons.poll(0.1)
+    # earliest after log truncation at the front
+    ray.get(reps[0].set_log_start.remote(10))
+    c2 = Consumer(ctx, ConsumerConfig(auto_offset_reset="earliest", fetch_max_wait_ms=50))
+    c2.assign([tp])
+    c2.seek(tp, 2)
+    assert _poll_until(c2, 10) == list(range(10, 20))
+
+
+def test_fetch_bytes_limits(cluster, ctx, shared):
+    topic, reps = shared
+    tp = TopicPartition(topic, 0)
+    base = log_end(reps[0])
+    with Producer(ctx, pcfg(linger_ms=0)) as prod:
+        for _ in range(5):
+            prod.send_batch(topic, pa.table({"value": [b"x" * 1000] * 10}), partition=0).result(10)
+    cons = Consumer(ctx, ConsumerConfig(auto_offset_reset="earliest", max_partition_fetch_bytes=15_000,
+                                        fetch_max_wait_ms=50))
+    cons.assign([tp])
+    cons.seek(tp, base)
+    sizes = []
+    deadline = time.monotonic() + 10
+    while sum(sizes) < 50 and time.monotonic() < deadline:
+        for _, b in cons.poll(0.3).items():
+            sizes.append(b.num_rows)
+            assert b.nbytes <= 2 * 15_000
+    assert sum(sizes) == 50 and len(sizes) > 1

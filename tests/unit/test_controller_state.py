@@ -1,0 +1,75 @@
+"""Pure controller metadata: validation, placement, elections, ISR changes, persistence."""
+from __future__ import annotations
+
+import pytest
+
+import ray_broker as rb
+from ray_broker.controller.state import ClusterState
+
+
+def make(rf=3, partitions=3, nodes=(None,), config=None):
+    s = ClusterState()
+    cfg, schema = s.validate_new_topic("t", partitions, rf, config or {}, None, len(nodes))
+    s.add_topic("t", partitions, rf, cfg, schema, list(nodes))
+    return s
+
+
+def test_leaders_spread_and_full_isr():
+    s = make()
+    assert [p.leader for p in s.topic("t").partitions] == [0, 1, 2]
+    assert all(p.isr == [0, 1, 2] for p in s.topic("t").partitions)
+
+
+def test_multi_node_placement_is_distinct_per_partition():
+    s = make(rf=3, partitions=4, nodes=("a", "b", "c", "d"))
+    for p in s.topic("t").partitions:
+        nodes = [p.placement[r].node_id for r in p.replicas]
+        assert len(set(nodes)) == 3
+
+
+def test_election_picks_isr_member_and_bumps_epoch():
+    s = make()
+    p = s.topic("t").partitions[0]
+    assert s.elect_leader("t", 0, {1, 2})
+    assert p.leader in (1, 2) and p.leader_epoch == 1 and 0 not in p.isr
+    assert not s.elect_leader("t", 0, {1, 2})             # stable: nothing to do
+
+
+def test_no_usable_isr_member_takes_partition_offline_unless_unclean():
+    s = make()
+    s.remove_from_isr("t", 0, 1)
+    s.remove_from_isr("t", 0, 2)
+    assert s.elect_leader("t", 0, {1, 2})
+    assert s.topic("t").partitions[0].leader is None      # out-of-sync replicas never lead by default
+    s2 = make(config={"unclean.leader.election.enable": True})
+    s2.remove_from_isr("t", 0, 1)
+    s2.remove_from_isr("t", 0, 2)
+    assert s2.elect_leader("t", 0, {1, 2})
+    assert s2.topic("t").partitions[0].leader in (1, 2)
+
+
+def test_alter_isr_is_fenced_by_leader_epoch():
+    s = make()
+    s.alter_isr("t", 0, 0, 0, [0, 1])
+    assert s.topic("t").partitions[0].isr == [0, 1]
+    with pytest.raises(rb.errors.FencedLeaderEpochError):
+        s.alter_isr("t", 0, 0, 7, [0])
+
+
+def test_validation_errors_change_nothing():
+    s = make()
+    with pytest.raises(rb.TopicAlreadyExistsError):
+        s.validate_new_topic("t", 1, 1, {}, None, 1)
+    with pytest.raises(rb.InvalidReplicationFactorError, match="only 2 nodes"):
+        s.validate_new_topic("u", 1, 3, {}, None, 2)
+    with pytest.raises(rb.InvalidConfigError):
+        s.validate_new_topic("u", 1, 1, {"segment.bytes": -1}, None, 1)
+    assert list(s.topics) == ["t"]
+
+
+def test_json_round_trip_and_producer_ids_never_reused():
+    s = make()
+    first = s.allocate_producer_ids(10)
+    s2 = ClusterState.from_json(s.to_json())
+    assert s2.allocate_producer_ids(1) == first + 10
+    assert s2.topic("t").partitions[1].placement == s.topic("t").partitions[1].placement
