@@ -13,6 +13,8 @@ Measured per replication factor:
   acknowledgement time (future completion callback) - call time.
 - send: `--send-records` records one by one with `send()`; latency per record the same way. Calls are
   issued back to back (like `--throughput -1`), so latency includes time queued behind earlier records.
+- send_batch_1_in_flight / send_1_in_flight: `--latency-calls` calls, each waiting for its
+  acknowledgement before the next: latency without queueing (linger.ms included for send()).
 - consume: a read_committed consumer reads every record of the topic back from offset 0.
 
 Prints progress to stderr and ONE JSON line of figures to stdout.
@@ -120,6 +122,24 @@ def bench_send(producer, topic: str, records: int) -> dict:
     return summarize(records, records, elapsed, lat)
 
 
+def bench_one_in_flight(producer, topic: str, calls: int, rows: int) -> dict:
+    """Closed loop: each call waits for its acknowledgement before the next (latency without queueing).
+    rows == 1 uses send(), otherwise send_batch() of `rows` rows."""
+    batch = make_batch(10**9, rows) if rows > 1 else None
+    lat = Latencies()
+    t0 = time.perf_counter()
+    for i in range(calls):
+        started = time.perf_counter()
+        if batch is None:
+            fut = producer.send(topic, value=b"%012d" % i + b"l" * (VALUE_BYTES - 12), key=b"l%015d" % i)
+        else:
+            fut = producer.send_batch(topic, batch)
+        fut.result(timeout=120)
+        lat.callback(started)(fut)
+    elapsed = time.perf_counter() - t0
+    return summarize(calls * rows, calls, elapsed, lat)
+
+
 def summarize(records: int, calls: int, elapsed: float, lat: Latencies) -> dict:
     return {"records": records, "calls": calls, "seconds": round(elapsed, 3),
             "records_per_s": round(records / elapsed, 1), "mb_per_s": round(records * (KEY_BYTES + VALUE_BYTES)
@@ -153,12 +173,14 @@ def main(argv=None) -> int:
     ap.add_argument("--records", type=int, default=300_000, help="records per send_batch run (default 300000)")
     ap.add_argument("--send-records", type=int, default=30_000, help="records per send() run (default 30000)")
     ap.add_argument("--batch-rows", type=int, default=10_000, help="rows per Arrow batch (default 10000)")
+    ap.add_argument("--latency-calls", type=int, default=100,
+                    help="calls of each kind in the one-in-flight latency runs (default 100)")
     ap.add_argument("--partitions", type=int, default=None, help="partitions per topic (default 6; smoke: 2)")
     ap.add_argument("--replication-factors", default="1,3", help="comma-separated (default 1,3)")
     ap.add_argument("--data-dir", default=None, help="broker data dir (default: a fresh temp dir, removed after)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.records, args.send_records, args.batch_rows = 2_000, 300, 500
+        args.records, args.send_records, args.batch_rows, args.latency_calls = 2_000, 300, 500, 5
     if args.partitions is None:
         args.partitions = 2 if args.smoke else 6  # smoke: fewer replica actors to start
     rfs = [int(x) for x in args.replication_factors.split(",") if x.strip()]
@@ -181,10 +203,16 @@ def main(argv=None) -> int:
             r_batch = bench_send_batch(producer, topic, args.records, args.batch_rows)
             log(f"rf={rf}: send() {args.send_records} records ...")
             r_send = bench_send(producer, topic, args.send_records)
+            log(f"rf={rf}: one call in flight: {args.latency_calls} x send_batch({args.batch_rows}), "
+                f"{args.latency_calls} x send() ...")
+            r_batch1 = bench_one_in_flight(producer, topic, args.latency_calls, args.batch_rows)
+            r_send1 = bench_one_in_flight(producer, topic, args.latency_calls, 1)
             producer.close()
             log(f"rf={rf}: consume ...")
-            r_cons = bench_consume(cluster, topic, args.partitions, args.records + args.send_records)
-            results[f"rf{rf}"] = {"send_batch": r_batch, "send": r_send, "consume": r_cons}
+            total = args.records + args.send_records + args.latency_calls * (args.batch_rows + 1)
+            r_cons = bench_consume(cluster, topic, args.partitions, total)
+            results[f"rf{rf}"] = {"send_batch": r_batch, "send": r_send, "send_batch_1_in_flight": r_batch1,
+                                  "send_1_in_flight": r_send1, "consume": r_cons}
     finally:
         shutdown_embedded(cluster)
         if tmp:
@@ -199,6 +227,7 @@ def main(argv=None) -> int:
         "settings": {"partitions": args.partitions, "replication_factors": rfs, "key_bytes": KEY_BYTES,
                      "value_bytes": VALUE_BYTES, "acks": "all", "records": args.records,
                      "send_records": args.send_records, "batch_rows": args.batch_rows,
+                     "latency_calls": args.latency_calls,
                      "isolation_level": "read_committed", "min_insync_replicas": 1},
         "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
                         "pyarrow": pyarrow.__version__, "ray_broker": rb.__version__},
@@ -206,7 +235,7 @@ def main(argv=None) -> int:
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(out), flush=True)
-    errors = sum(r[m]["errors"] for r in results.values() for m in ("send_batch", "send"))
+    errors = sum(r[m].get("errors", 0) for r in results.values() for m in r)
     short = sum(r["consume"]["records"] != r["consume"]["expected"] for r in results.values())
     return 1 if errors or short else 0
 

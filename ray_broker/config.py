@@ -179,7 +179,8 @@ ACKS = {"all": -1, "-1": -1, -1: -1, "1": 1, 1: 1, "0": 0, 0: 0}
 @dataclass(frozen=True)
 class ProducerConfig(_Config):
     acks: Any = _opt("all", "0, 1 or all", lambda v: v in ACKS)
-    enable_idempotence: Any = _opt(None, "deduplicate retries with producer id + sequence (on unless acks<all)")
+    enable_idempotence: bool | None = _opt(None, "deduplicate retries with producer id + sequence (default: on "
+                                               "when acks=all, off with a warning for acks 0/1)")
     linger_ms: int = _opt(5, "wait this long for more records before sending a batch", _non_negative)
     batch_size: int = _opt(1 * MiB, "send a partition's batch when it reaches this many bytes", _positive,
                            kafka_default="16384")
@@ -202,6 +203,26 @@ class ProducerConfig(_Config):
     @property
     def acks_value(self) -> int:
         return ACKS[self.acks]
+
+    @property
+    def idempotence_enabled(self) -> bool:
+        """On by default with acks=all (Kafka 3.2+); acks 0/1 turn the default off."""
+        if self.enable_idempotence is None:
+            return self.acks_value == -1
+        return bool(self.enable_idempotence)
+
+    def _validate(self) -> None:
+        if self.enable_idempotence not in (None, True, False):
+            raise InvalidConfigError(f"config 'enable.idempotence': expected a boolean, got {self.enable_idempotence!r}")
+        if self.enable_idempotence is True and self.acks_value != -1:
+            raise InvalidConfigError(f"enable.idempotence=true requires acks=all, got acks={self.acks!r}")
+        if self.transactional_id is not None:
+            if self.enable_idempotence is False:
+                raise InvalidConfigError("transactional.id requires enable.idempotence=true")
+            if self.acks_value != -1:
+                raise InvalidConfigError(f"transactional.id requires acks=all, got acks={self.acks!r}")
+            if not self.transactional_id:
+                raise InvalidConfigError("transactional.id must be a non-empty string")
 
 
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")

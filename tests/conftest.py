@@ -10,22 +10,28 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory):
-    """A broker deployed on a local Ray shared by the session's integration tests."""
+def ray_local():
+    """The one local Ray of this test session (restart and multi-node tests start their own in a subprocess)."""
     import ray
 
+    ray.init(address="local", num_cpus=2, namespace="ray_broker", include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def broker(ray_local, tmp_path_factory):
+    """A broker deployed on the session's local Ray, shared by the integration tests."""
     import ray_broker as rb
 
     data_dir = tmp_path_factory.mktemp("broker-data")
-    ray.init(num_cpus=2, namespace="ray_broker", include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, configure_logging=False)
     rb.deploy(data_dir=str(data_dir), config={"replica.health.check.interval.ms": 100,
                                               "replica.lag.time.max.ms": 5000})
     cluster = rb.connect()
     cluster.data_dir = str(data_dir)
     yield cluster
     cluster.shutdown()
-    ray.shutdown()
 
 
 _names = itertools.count()

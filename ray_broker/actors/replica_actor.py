@@ -29,6 +29,7 @@ from ..records import conform_batch, read_schema, schema_from_bytes, stored_sche
 from ..replication.divergence import truncation_offset
 from ..replication.isr import LeaderReplicationState
 from ..storage import PartitionLog
+from ..storage.producer_state import ProducerStateManager
 from ..testing import failpoints
 from .deployment import ensure_controller
 
@@ -38,6 +39,9 @@ LEADER, FOLLOWER = "leader", "follower"
 REPLICATION_MAX_BYTES = 8 * 1024 * 1024
 PUMP_IDLE_S = 0.25            # followers hear the HW at least this often when idle
 MAINTENANCE_S = 0.2
+PREDECESSOR_WAIT_S = 0.5      # how long an out-of-order idempotent batch waits for its predecessor
+SNAPSHOT_INTERVAL_S = 10.0    # producer-state snapshot cadence (recovery replays only the tail)
+SEQUENCE_WRAP = 2**31 - 1
 CONTROLLER_CHECK_S = 1.0      # leaders bring back a controller that was killed
 
 
@@ -48,10 +52,12 @@ def _now_ms() -> int:
 class PartitionReplicaActor:
     def __init__(self, topic: str, partition: int, replica_id: int, log_dir: str, topic_config: dict,
                  schema: bytes | None, namespace: str, controller_epoch: int = -1,
-                 lag_time_max_ms: int = 10_000, fresh: bool = True):
+                 lag_time_max_ms: int = 10_000, fresh: bool = True,
+                 producer_id_expiration_ms: int = 86_400_000):
         self.topic, self.partition, self.replica_id = topic, partition, replica_id
         self.namespace = namespace
         self._lag_time_max_ms = lag_time_max_ms
+        self._producer_id_expiration_ms = producer_id_expiration_ms
         self.config = TopicConfig.from_dict(topic_config)
         self._set_schema(schema)
         self.log_dir = log_dir
@@ -67,6 +73,8 @@ class PartitionReplicaActor:
         self.corruption: str | None = None
         self.log = self._open_log(fresh)
         self.high_watermark = self.log.high_watermark_checkpoint
+        self.producers, self._snapshot_offset = ProducerStateManager.recover(self.log)
+        self._last_snapshot_check = time.monotonic()
         self.leader_state: LeaderReplicationState | None = None
         self._tasks: list[asyncio.Task] = []
         self._changed: asyncio.Condition | None = None
@@ -239,17 +247,46 @@ class PartitionReplicaActor:
         if batch.num_rows == 0:
             return ProduceResult(self.log.log_end_offset, self.log.log_start_offset)
         epoch = self.leader_epoch
+        failpoints.hit("replica.before_append")
+        if producer_id >= 0:
+            await self._await_predecessor(producer_id, producer_epoch, base_sequence)
+            state = self._require_leader()
+            if self.leader_epoch != epoch:
+                raise NotLeaderOrFollowerError(f"{self.topic}/{self.partition}: leadership moved")
+            dup = self.producers.check_append(producer_id, producer_epoch, base_sequence, batch.num_rows)
+            if dup is not None:
+                # a retry of an appended batch: the original offsets, once they are replicated
+                await self._await_high_watermark(dup.last_offset, acks, timeout_ms, epoch)
+                return ProduceResult(dup.first_offset, self.log.log_start_offset, duplicate=True)
         info = self.log.append(batch, leader_epoch=epoch, producer_id=producer_id, producer_epoch=producer_epoch,
                                base_sequence=base_sequence, is_transactional=is_transactional)
+        self.producers.on_append(producer_id, producer_epoch, base_sequence, batch.num_rows, info.base_offset,
+                                 info.header.max_timestamp, is_transactional)
         failpoints.hit("replica.after_append")
         if state.maybe_advance_high_watermark(self.log.log_end_offset):
             self._on_high_watermark(state.high_watermark)
         await self._notify()
-        result = ProduceResult(info.base_offset, self.log.log_start_offset)
+        await self._await_high_watermark(info.last_offset, acks, timeout_ms, epoch)
+        return ProduceResult(info.base_offset, self.log.log_start_offset)
+
+    async def _await_predecessor(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
+        """Ray does not keep the order of concurrent calls to an async actor, so a producer's
+        pipelined batches may arrive out of order; wait briefly for the predecessor to arrive."""
+        deadline = time.monotonic() + PREDECESSOR_WAIT_S
+        while True:
+            expected = self.producers.expected_sequence(producer_id, producer_epoch)
+            if expected is None or not 0 < (base_sequence - expected) % SEQUENCE_WRAP < 2**30:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.role != LEADER:
+                return
+            await self._wait_changed(remaining)
+
+    async def _await_high_watermark(self, last_offset: int, acks: int, timeout_ms: int, epoch: int) -> None:
         if acks != ACKS_ALL:
-            return result
+            return
         deadline = time.monotonic() + timeout_ms / 1000.0
-        while self.high_watermark <= info.last_offset:
+        while self.high_watermark <= last_offset:
             if self.role != LEADER or self.leader_epoch != epoch:
                 raise NotLeaderOrFollowerError(
                     f"{self.topic}/{self.partition}: leadership moved while waiting for replication")
@@ -258,10 +295,10 @@ class PartitionReplicaActor:
                 raise BrokerTimeoutError(
                     f"{self.topic}/{self.partition}: replication to the ISR did not finish in {timeout_ms} ms")
             await self._wait_changed(min(remaining, 0.5))
-        if len(state.isr) < self.config.min_insync_replicas:
+        state = self.leader_state
+        if state is None or len(state.isr) < self.config.min_insync_replicas:
             raise NotEnoughReplicasAfterAppendError(
                 f"{self.topic}/{self.partition}: ISR shrank below min.insync.replicas after append")
-        return result
 
     def _on_high_watermark(self, hw: int) -> None:
         self.high_watermark = hw
@@ -327,12 +364,14 @@ class PartitionReplicaActor:
         if offset < self.log.log_end_offset:
             self.log.truncate_to(offset)
             self.high_watermark = min(self.high_watermark, self.log.log_end_offset)
+            self.producers, self._snapshot_offset = ProducerStateManager.recover(self.log)
         return self.log.log_end_offset
 
     def reset_log(self, leader_epoch: int, start_offset: int) -> int:
         self._fence_leader(leader_epoch)
         self.log.truncate_fully_and_start_at(start_offset)
         self.high_watermark = start_offset
+        self.producers, self._snapshot_offset = ProducerStateManager.recover(self.log)
         return self.log.log_end_offset
 
     def replicate(self, leader_epoch: int, frames, base_offset: int, leader_high_watermark: int) -> int:
@@ -342,13 +381,14 @@ class PartitionReplicaActor:
                 raise InvalidRequestError(
                     f"replicate at {base_offset} but this follower's log ends at {self.log.log_end_offset}")
             failpoints.hit("follower.before_append")
-            self.log.append_frames(frames)
+            self.producers.on_headers(self.log.append_frames(frames))
         self.high_watermark = max(self.high_watermark, min(leader_high_watermark, self.log.log_end_offset))
         if self.rebuilding and self.log.log_end_offset >= leader_high_watermark:
             self.rebuilding = False
         if self.high_watermark - self._last_hw_checkpoint > 0:
             self.log.checkpoint_high_watermark(self.high_watermark)
             self._last_hw_checkpoint = self.high_watermark
+        self._maybe_snapshot_producers()
         return self.log.log_end_offset
 
     # ---- replication: leader side ----------------------------------------------------------------
@@ -464,6 +504,7 @@ class PartitionReplicaActor:
                 self._maybe_request_isr_change()
                 now = _now_ms()
                 self.log.maybe_flush(now)
+                self._maybe_snapshot_producers()
                 if self.high_watermark != self._last_hw_checkpoint:
                     self.log.checkpoint_high_watermark(self.high_watermark)
                     self._last_hw_checkpoint = self.high_watermark
@@ -477,6 +518,32 @@ class PartitionReplicaActor:
                 raise
             except Exception:  # noqa: BLE001
                 log.exception("maintenance %s/%s", self.topic, self.partition)
+
+    def _maybe_snapshot_producers(self, force: bool = False) -> None:
+        """Expire idle producer ids and snapshot producer state now and then (and on expiry)."""
+        now = time.monotonic()
+        if not force and now - self._last_snapshot_check < 1.0:
+            return
+        self._last_snapshot_check = now
+        expired = self.producers.remove_expired(_now_ms(), self._producer_id_expiration_ms)
+        due = now - getattr(self, "_last_snapshot_time", 0.0) > SNAPSHOT_INTERVAL_S
+        if expired or force or (due and self.log.log_end_offset != self._snapshot_offset):
+            self.producers.write_snapshot(self.log.directory, self.log.log_end_offset)
+            self._snapshot_offset = self.log.log_end_offset
+            self._last_snapshot_time = now
+
+    def producer_state(self) -> dict:
+        """Producer ids known here with epoch and last sequence, plus dedup metrics."""
+        return {"producers": {pid: {"epoch": e.producer_epoch, "last_seq": e.last_seq}
+                              for pid, e in self.producers.producers.items()},
+                "duplicates_dropped": self.producers.duplicates_dropped,
+                "out_of_order_refused": self.producers.out_of_order_refused,
+                "fenced_refused": self.producers.fenced_refused,
+                "snapshot_offset": self._snapshot_offset}
+
+    def snapshot_producer_state(self) -> int:
+        self._maybe_snapshot_producers(force=True)
+        return self._snapshot_offset
 
     def status(self) -> dict:
         info = self.ping()

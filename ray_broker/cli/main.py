@@ -396,7 +396,24 @@ def _parse_json_line(line: str, lineno: int) -> tuple:
             partition, ts)
 
 
+def _console_properties(args, allowed: set[str]) -> None:
+    """Kafka console-tool `--property` keys mapped onto our flags."""
+    props = _kv_pairs(args.property, "--property")
+    unknown = set(props) - allowed
+    if unknown:
+        raise CliError(f"unknown --property key(s) {sorted(unknown)}; supported: {sorted(allowed)}",
+                       "INVALID_CONFIG")
+    sep = props.get("key.separator", "\t")
+    if props.get("print.key", "false").lower() == "true":
+        args.print_key = True
+    if "key.separator" in props and args.key_separator is None and "print.key" in allowed:
+        args.key_separator = sep
+    if props.get("parse.key", "false").lower() == "true" and args.key_separator is None:
+        args.key_separator = sep
+
+
 def cmd_produce(args) -> int:
+    _console_properties(args, {"parse.key", "key.separator"})
     props = _kv_pairs(args.producer_property, "--producer-property")
     props.setdefault("acks", "all")
     if args.key_separator == "":
@@ -504,6 +521,7 @@ def _write_batch(out, tp, batch, args, default_model: bool) -> int:
 
 
 def cmd_consume(args) -> int:
+    _console_properties(args, {"print.key", "key.separator"})
     props = _kv_pairs(args.consumer_property, "--consumer-property")
     props["isolation_level"] = args.isolation_level
     props["auto_offset_reset"] = "earliest" if args.from_beginning else props.get("auto_offset_reset", "latest")
@@ -559,9 +577,9 @@ def _common_parser(with_config: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("global options (may also be given before the command)")
     # SUPPRESS: a value given before the command is not overwritten by the subcommand's default
-    g.add_argument("--address", default=argparse.SUPPRESS,
+    g.add_argument("--address", "--bootstrap-server", dest="address", default=argparse.SUPPRESS,
                    help="Ray cluster address host:port (default: $RAY_ADDRESS, else the local head started by "
-                        "`ray-broker start`)")
+                        "`ray-broker start`); --bootstrap-server is an alias")
     g.add_argument("--namespace", default=argparse.SUPPRESS,
                    help="Ray namespace of the broker (default: ray_broker)")
     g.add_argument("--data-dir", default=argparse.SUPPRESS,
@@ -581,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ray-broker", description="Run and use a ray_broker deployment (Kafka-style broker on Ray + Arrow).",
         epilog="Errors print `error: [CODE] message` on stderr and exit with status 2.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--address", "--bootstrap-server", dest="address", default=None, help=argparse.SUPPRESS)
     p.add_argument("--namespace", default="ray_broker", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -654,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--producer-property", action="append", metavar="KEY=VALUE",
                    help="producer config, repeatable (e.g. linger.ms=10)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for acknowledgements at the end")
+    s.add_argument("--property", action="append", metavar="KEY=VALUE",
+                   help="kafka-console-producer style: parse.key=true, key.separator=SEP")
     s.set_defaults(func=cmd_produce)
 
     s = sub.add_parser("consume", parents=[common], help="print records of a topic to stdout",
@@ -675,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key-separator", default=None, metavar="SEP", help="separator for --print-key (default tab)")
     s.add_argument("--consumer-property", action="append", metavar="KEY=VALUE",
                    help="consumer config, repeatable (e.g. max.partition.fetch.bytes=1048576)")
+    s.add_argument("--property", action="append", metavar="KEY=VALUE",
+                   help="kafka-console-consumer style: print.key=true, key.separator=SEP")
     s.set_defaults(func=cmd_consume)
     return p
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 import time
 from collections import deque
 from typing import Any
@@ -38,7 +39,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from ..config import ProducerConfig
-from ..errors import (BrokerError, BrokerTimeoutError, InvalidRequestError, NotEnoughReplicasAfterAppendError,
+from ..errors import (InvalidProducerEpochError, ProducerFencedError, UnknownProducerIdError, BrokerError, BrokerTimeoutError, InvalidRequestError, NotEnoughReplicasAfterAppendError,
                       OutOfOrderSequenceError, RecordTooLargeError, UnknownOutcomeError,
                       UnknownTopicOrPartitionError)
 from ..protocol import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata
@@ -104,7 +105,7 @@ _INFLIGHT, _RETRY, _DONE, _FAILED, _NEW = range(5)
 class _ProduceBatch:
     __slots__ = ("topic", "partition", "batch", "pieces", "created", "deadline", "attempts", "ambiguous",
                  "status", "ref", "sent_at", "retry_at", "leader", "producer_id", "producer_epoch",
-                 "base_sequence", "base_offset", "error", "last_error", "sent_behind")
+                 "base_sequence", "base_offset", "error", "last_error", "sent_behind", "resequence")
 
     def __init__(self, topic, partition, batch, pieces, created, deadline):
         self.topic = topic
@@ -127,6 +128,7 @@ class _ProduceBatch:
         self.error: BaseException | None = None
         self.last_error: BaseException | None = None
         self.sent_behind = False  # sent while an earlier batch of the partition was unacknowledged
+        self.resequence = False   # refused for an unknown (expired) producer id: renumber before resending
 
 
 class _PartitionAcc:
@@ -234,6 +236,11 @@ class Producer:
         self._backoff = c.retry_backoff_ms / 1000.0
         self._max_block = c.max_block_ms / 1000.0
         self.idempotence = IdempotenceState()
+        if c.idempotence_enabled:
+            self._new_producer_id()
+        elif c.enable_idempotence is None:
+            warnings.warn(f"acks={c.acks!r} turns off the default enable.idempotence: retries may duplicate "
+                          "records", stacklevel=3)
         self.sticky = StickyPartitioner()
 
         self._lock = threading.RLock()
@@ -594,6 +601,8 @@ class Producer:
         self._pop_completed(acc)
         if acc.inflight:
             head = acc.inflight[0]
+            if head.status == _RETRY and head.resequence:
+                self._resequence(acc)
             if head.status == _RETRY:
                 if now >= head.deadline:
                     self._expire(head)
@@ -615,6 +624,9 @@ class Producer:
         max_inflight = self._max_inflight
         if self.strict_ordering and not self.idempotence.enabled:
             max_inflight = 1
+        if self.idempotence.enabled and any(o.producer_id != self.idempotence.producer_id
+                                            and o.status not in (_DONE, _FAILED) for o in acc.inflight):
+            blocked = True      # never two producer ids in flight on one partition (keeps order)
         while not blocked and acc.pending and len(acc.inflight) < max_inflight:
             due = acc.first_time + self._linger
             if not (flushing or acc.pending_bytes >= self._batch_size or now >= due):
@@ -657,6 +669,41 @@ class Producer:
         b.producer_id, b.producer_epoch, b.base_sequence = self.idempotence.assign(
             acc.topic, acc.partition, batch.num_rows)
         return b
+
+    def _new_producer_id(self) -> None:
+        """A fresh producer id (never handed out before, also across cluster restarts), epoch 0."""
+        ctx = self.context
+        for attempt in range(100):
+            try:
+                pid = ray.get(ctx.controller(refresh=attempt > 0).allocate_producer_ids.remote(1),
+                              timeout=self._request_timeout)
+                break
+            except (RayActorError, GetTimeoutError, BrokerError, ValueError) as exc:
+                if attempt == 99:
+                    raise BrokerTimeoutError(f"could not obtain a producer id: {exc}") from None
+                time.sleep(min(1.0, self._backoff * (attempt + 1)))
+        idem = self.idempotence
+        idem.producer_id, idem.producer_epoch, idem.enabled = int(pid), 0, True
+        idem.reset()
+
+    def _resequence(self, acc: _PartitionAcc) -> None:
+        """The broker forgot our producer id (expired): continue under a new id, renumbering every
+        unacknowledged batch of this partition in order. They were all refused (unknown id and a
+        sequence other than 0), so sending them again cannot duplicate."""
+        head = acc.inflight[0]
+        if head.producer_id == self.idempotence.producer_id:
+            self._new_producer_id()
+        for b in acc.inflight:
+            if b.status == _DONE:
+                continue
+            if b.ref is not None:
+                self._refs.pop(b.ref, None)
+                b.ref = None
+            b.producer_id, b.producer_epoch, b.base_sequence = self.idempotence.assign(
+                b.topic, b.partition, b.batch.num_rows)
+            b.status = _RETRY
+            b.resequence = False
+            b.retry_at = 0.0
 
     def _submit(self, b: _ProduceBatch, now: float) -> None:
         ctx = self.context
@@ -710,6 +757,10 @@ class Producer:
                 b.sent_behind = False
                 self._schedule_retry(b, err, False, now, backoff=0.0)
                 return
+            if isinstance(err, UnknownProducerIdError) and b.base_sequence >= 0:
+                b.resequence = True
+                self._schedule_retry(b, err, False, now, backoff=0.0)
+                return
             retriable = isinstance(err, RayActorError) or (isinstance(err, BrokerError) and err.retriable)
             if retriable:
                 self.context.on_error(b.topic, b.partition, b.leader if isinstance(err, RayActorError) else None)
@@ -741,6 +792,37 @@ class Producer:
         b.status = _FAILED if error is not None else _DONE
         b.error = error
         b.ref = None
+        if error is not None and b.base_sequence >= 0 and b.producer_id == self.idempotence.producer_id:
+            self._repair_sequence(b, error)
+
+    def _repair_sequence(self, b: _ProduceBatch, error: BaseException) -> None:
+        """A batch that will never be appended leaves a hole in the partition's sequence.
+
+        If it was the partition's last numbered batch, the next batch simply reuses its sequence.
+        Otherwise (or if the outcome is unknown) continue under a new producer id, as Kafka's
+        epoch bump does (KIP-360): calls still in flight under the old id can then never land
+        behind renumbered ones, because the broker refuses them as a gap.
+        """
+        if isinstance(error, (InvalidProducerEpochError, ProducerFencedError)):
+            return                                   # fatal: nothing to repair
+        acc = self._accs.get((b.topic, b.partition))
+        later = [o for o in (acc.inflight if acc else ()) if o is not b and o.status not in (_DONE, _FAILED)
+                 and o.base_sequence >= 0]
+        ambiguous = b.ambiguous or isinstance(error, (UnknownOutcomeError, OutOfOrderSequenceError))
+        key = (b.topic, b.partition)
+        if not ambiguous and not later and self.idempotence.next_sequence.get(key) == (
+                b.base_sequence + b.batch.num_rows) % SEQUENCE_MODULUS:
+            self.idempotence.next_sequence[key] = b.base_sequence
+            return
+        self._new_producer_id()
+        for o in later:
+            if o.ref is not None:
+                self._refs.pop(o.ref, None)
+                o.ref = None
+            o.producer_id, o.producer_epoch, o.base_sequence = self.idempotence.assign(
+                o.topic, o.partition, o.batch.num_rows)
+            o.status = _RETRY
+            o.retry_at = 0.0
 
     def _pop_completed(self, acc: _PartitionAcc) -> None:
         """Complete finished batches at the head of the line, in order."""

@@ -40,7 +40,7 @@ def test_bench_produce_consume_smoke():
     assert {"partitions", "replication_factors", "key_bytes", "value_bytes", "acks"} <= set(out["settings"])
     assert set(out["results"]) == {f"rf{rf}" for rf in out["settings"]["replication_factors"]}
     for res in out["results"].values():
-        for mode in ("send_batch", "send"):
+        for mode in ("send_batch", "send", "send_batch_1_in_flight", "send_1_in_flight"):
             assert {"records_per_s", "mb_per_s", "p50_ms", "p99_ms"} <= set(res[mode])
             assert res[mode]["errors"] == 0
         assert {"records_per_s", "mb_per_s"} <= set(res["consume"])

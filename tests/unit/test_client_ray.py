@@ -45,6 +45,10 @@ class FakeController:
         parts[partition] = PartitionState(partition, ps.replicas, leader, ps.leader_epoch + 1, ps.isr)
         self.topics[topic] = TopicMetadata(md.name, md.topic_id, tuple(parts), md.config, md.schema)
 
+    def allocate_producer_ids(self, count=1):
+        self.next_pid = getattr(self, "next_pid", 1000) + count
+        return self.next_pid - count
+
     def get_metadata(self, topics=None):
         from ray_broker.errors import UnknownTopicOrPartitionError
         names = list(self.topics) if topics is None else topics
@@ -149,18 +153,12 @@ class FakeReplica:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = REPO + (os.pathsep + old if old else "")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NS, log_to_driver=False)
+def cluster(ray_local):
+    """Fake broker actors in their own namespace on the session's shared Ray."""
     ctrl = FakeController.options(name="controller", namespace=NS).remote()
     ray.get(ctrl.get_metadata.remote([]))
     yield ctrl
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
+    ray.kill(ctrl)
 
 
 def make_topic(ctrl, partitions=1, schema: pa.Schema | None = None, max_message_bytes=None):
