@@ -216,8 +216,11 @@ class PartitionReplicaActor:
             except (asyncio.CancelledError, Exception):
                 pass
 
-    def arm_failpoint(self, name: str, action: str, arg=None, count: int = 1) -> None:
-        failpoints.arm(name, action, arg, count)
+    def arm_failpoint(self, name: str, action: str, arg=None, count: int = 1, skip: int = 0) -> None:
+        failpoints.arm(name, action, arg, count, skip)
+
+    def failpoint_hits(self, name: str) -> int:
+        return failpoints.hit_count(name)
 
     def disarm_failpoints(self) -> None:
         failpoints.disarm()

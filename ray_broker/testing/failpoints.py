@@ -28,6 +28,7 @@ class _Armed:
     action: str
     arg: str | None
     remaining: int  # -1 = every time
+    skip: int = 0   # pass this many hits before acting
     hits: int = 0
 
 
@@ -36,11 +37,12 @@ _armed: dict[str, _Armed] = {}
 _counts: dict[str, int] = {}
 
 
-def arm(name: str, action: str, arg: str | int | None = None, count: int = 1) -> None:
+def arm(name: str, action: str, arg: str | int | None = None, count: int = 1, skip: int = 0) -> None:
+    """Act on the next `count` hits (-1: every hit) after letting `skip` hits pass."""
     if action not in ACTIONS:
         raise ValueError(f"unknown failpoint action {action!r}; use one of {ACTIONS}")
     with _lock:
-        _armed[name] = _Armed(action, None if arg is None else str(arg), count)
+        _armed[name] = _Armed(action, None if arg is None else str(arg), count, skip)
 
 
 def disarm(name: str | None = None) -> None:
@@ -62,6 +64,9 @@ def hit(name: str) -> None:
         _counts[name] = _counts.get(name, 0) + 1
         armed = _armed.get(name)
         if armed is None or armed.remaining == 0:
+            return
+        if armed.skip > 0:
+            armed.skip -= 1
             return
         if armed.remaining > 0:
             armed.remaining -= 1
