@@ -25,4 +25,7 @@ __all__ = [
     "SchemaMismatchError", "TopicAlreadyExistsError", "UnknownTopicOrPartitionError", "OutOfOrderSequenceError",
     "InvalidProducerEpochError", "UnknownOutcomeError", "ProducerFencedError", "InvalidTxnStateError",
     "TransactionAbortableError", "StaleControllerEpochError", "LeaderNotAvailableError",
+    "IllegalGenerationError", "UnknownMemberIdError", "RebalanceInProgressError", "UnstableOffsetCommitError",
+    "ConcurrentTransactionsError", "InvalidTransactionTimeoutError", "TransactionCoordinatorFencedError",
+    "CoordinatorNotAvailableError", "NonEmptyGroupError", "GroupIdNotFoundError",
 ]

@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20
     INVALID_REQUIRED_ACKS = 21
     ILLEGAL_GENERATION = 22
+    INCONSISTENT_GROUP_PROTOCOL = 23
     UNKNOWN_MEMBER_ID = 25
     REBALANCE_IN_PROGRESS = 27
     TOPIC_ALREADY_EXISTS = 36
@@ -46,6 +47,8 @@ class ErrorCode(IntEnum):
     CONCURRENT_TRANSACTIONS = 51
     TRANSACTION_COORDINATOR_FENCED = 52
     KAFKA_STORAGE_ERROR = 56
+    NON_EMPTY_GROUP = 68
+    GROUP_ID_NOT_FOUND = 69
     UNKNOWN_PRODUCER_ID = 59
     FENCED_LEADER_EPOCH = 74
     UNKNOWN_LEADER_EPOCH = 75
@@ -92,6 +95,7 @@ ERROR_POLICY: dict[ErrorCode, ErrorPolicy] = {
     ErrorCode.NOT_ENOUGH_REPLICAS_AFTER_APPEND: _P(True, "ISR shrank below min.insync.replicas after append"),
     ErrorCode.INVALID_REQUIRED_ACKS: _P(False, "acks must be 0, 1 or all"),
     ErrorCode.ILLEGAL_GENERATION: _P(False, "stale group generation"),
+    ErrorCode.INCONSISTENT_GROUP_PROTOCOL: _P(False, "member's assignor differs from the group's"),
     ErrorCode.UNKNOWN_MEMBER_ID: _P(False, "unknown group member"),
     ErrorCode.REBALANCE_IN_PROGRESS: _P(False, "group is rebalancing"),
     ErrorCode.TOPIC_ALREADY_EXISTS: _P(False, "topic already exists"),
@@ -108,6 +112,8 @@ ERROR_POLICY: dict[ErrorCode, ErrorPolicy] = {
     ErrorCode.TRANSACTION_COORDINATOR_FENCED: _P(False, "stale transaction coordinator epoch"),
     ErrorCode.KAFKA_STORAGE_ERROR: _P(True, "replica storage offline"),
     ErrorCode.UNKNOWN_PRODUCER_ID: _P(False, "producer id unknown or expired"),
+    ErrorCode.NON_EMPTY_GROUP: _P(False, "the group still has live members"),
+    ErrorCode.GROUP_ID_NOT_FOUND: _P(False, "unknown consumer group"),
     ErrorCode.FENCED_LEADER_EPOCH: _P(True, "leader epoch is stale"),
     ErrorCode.UNKNOWN_LEADER_EPOCH: _P(True, "leader epoch is newer than this replica knows"),
     ErrorCode.INVALID_RECORD: _P(False, "invalid record"),
@@ -189,6 +195,20 @@ FencedLeaderEpochError = _subclass("FencedLeaderEpochError", ErrorCode.FENCED_LE
 UnknownLeaderEpochError = _subclass("UnknownLeaderEpochError", ErrorCode.UNKNOWN_LEADER_EPOCH)
 ProducerFencedError = _subclass("ProducerFencedError", ErrorCode.PRODUCER_FENCED)
 TransactionAbortableError = _subclass("TransactionAbortableError", ErrorCode.TRANSACTION_ABORTABLE)
+IllegalGenerationError = _subclass("IllegalGenerationError", ErrorCode.ILLEGAL_GENERATION)
+InconsistentGroupProtocolError = _subclass("InconsistentGroupProtocolError", ErrorCode.INCONSISTENT_GROUP_PROTOCOL)
+UnknownMemberIdError = _subclass("UnknownMemberIdError", ErrorCode.UNKNOWN_MEMBER_ID)
+RebalanceInProgressError = _subclass("RebalanceInProgressError", ErrorCode.REBALANCE_IN_PROGRESS)
+UnstableOffsetCommitError = _subclass("UnstableOffsetCommitError", ErrorCode.UNSTABLE_OFFSET_COMMIT)
+CoordinatorNotAvailableError = _subclass("CoordinatorNotAvailableError", ErrorCode.COORDINATOR_NOT_AVAILABLE)
+CoordinatorLoadInProgressError = _subclass("CoordinatorLoadInProgressError", ErrorCode.COORDINATOR_LOAD_IN_PROGRESS)
+NotCoordinatorError = _subclass("NotCoordinatorError", ErrorCode.NOT_COORDINATOR)
+ConcurrentTransactionsError = _subclass("ConcurrentTransactionsError", ErrorCode.CONCURRENT_TRANSACTIONS)
+InvalidTransactionTimeoutError = _subclass("InvalidTransactionTimeoutError", ErrorCode.INVALID_TRANSACTION_TIMEOUT)
+TransactionCoordinatorFencedError = _subclass("TransactionCoordinatorFencedError",
+                                              ErrorCode.TRANSACTION_COORDINATOR_FENCED)
+NonEmptyGroupError = _subclass("NonEmptyGroupError", ErrorCode.NON_EMPTY_GROUP)
+GroupIdNotFoundError = _subclass("GroupIdNotFoundError", ErrorCode.GROUP_ID_NOT_FOUND)
 SchemaMismatchError = _subclass("SchemaMismatchError", ErrorCode.SCHEMA_MISMATCH)
 BrokerNotFoundError = _subclass("BrokerNotFoundError", ErrorCode.BROKER_NOT_FOUND)
 UnknownOutcomeError = _subclass("UnknownOutcomeError", ErrorCode.UNKNOWN_OUTCOME)

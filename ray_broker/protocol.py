@@ -25,6 +25,18 @@ def replica_actor_name(topic: str, partition: int, replica: int) -> str:
     return f"replica/{topic}/{partition}/{replica}"
 
 
+def txn_coordinator_name(n: int) -> str:
+    return f"txn-coordinator/{n}"
+
+
+def group_coordinator_name(n: int) -> str:
+    return f"group-coordinator/{n}"
+
+
+TXN_STATE_TOPIC = "__transaction_state"
+OFFSETS_TOPIC = "__consumer_offsets"
+
+
 @dataclass(frozen=True)
 class PartitionState:
     """Controller's view of one partition: who leads, who is in sync, at which leader epoch."""

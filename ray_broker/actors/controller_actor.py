@@ -101,8 +101,7 @@ class ControllerActor:
         opts.update(pinned(self._placement_node(topic, partition, replica)))
         handle = ReplicaActor.options(**opts).remote(
             topic.name, partition, replica, self._log_dir(topic, partition, replica), topic.config, topic.schema,
-            self.namespace, self.state.controller_epoch, self.config.replica_lag_time_max_ms, fresh,
-            self.config.producer_id_expiration_ms)
+            self.namespace, self.state.controller_epoch, self.config.to_dict(), fresh)
         self.handles[(topic.name, partition, replica)] = handle
         self.created_at[(topic.name, partition, replica)] = time.monotonic()
         return handle

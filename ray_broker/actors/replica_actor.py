@@ -19,17 +19,19 @@ import uuid
 import ray
 from ray.exceptions import RayActorError
 
-from ..config import TopicConfig
+from ..config import BrokerConfig, TopicConfig
 from ..errors import (BrokerError, BrokerTimeoutError, CorruptRecordError, FencedLeaderEpochError,
                       InvalidRequestError, NotEnoughReplicasAfterAppendError, NotEnoughReplicasError,
                       NotLeaderOrFollowerError, OffsetOutOfRangeError, ReplicaOfflineError,
                       StaleControllerEpochError, UnknownLeaderEpochError)
-from ..protocol import ACKS_ALL, FetchResult, ProduceResult, replica_actor_name
+from ..protocol import (ACKS_ALL, READ_COMMITTED, FetchResult, ProduceResult, replica_actor_name,
+                        txn_coordinator_name)
 from ..records import conform_batch, read_schema, schema_from_bytes, stored_schema
 from ..replication.divergence import truncation_offset
 from ..replication.isr import LeaderReplicationState
 from ..storage import PartitionLog
-from ..storage.producer_state import ProducerStateManager
+from ..storage.frame import decode_payload, iter_frames
+from ..storage.producer_state import ProducerStateManager, marker_batch
 from ..testing import failpoints
 from .deployment import ensure_controller
 
@@ -52,12 +54,13 @@ def _now_ms() -> int:
 class PartitionReplicaActor:
     def __init__(self, topic: str, partition: int, replica_id: int, log_dir: str, topic_config: dict,
                  schema: bytes | None, namespace: str, controller_epoch: int = -1,
-                 lag_time_max_ms: int = 10_000, fresh: bool = True,
-                 producer_id_expiration_ms: int = 86_400_000):
+                 broker_config: dict | None = None, fresh: bool = True):
         self.topic, self.partition, self.replica_id = topic, partition, replica_id
         self.namespace = namespace
-        self._lag_time_max_ms = lag_time_max_ms
-        self._producer_id_expiration_ms = producer_id_expiration_ms
+        broker = BrokerConfig.from_dict(broker_config or {})
+        self._lag_time_max_ms = broker.replica_lag_time_max_ms
+        self._producer_id_expiration_ms = broker.producer_id_expiration_ms
+        self._txn_coordinators = broker.transaction_coordinators
         self.config = TopicConfig.from_dict(topic_config)
         self._set_schema(schema)
         self.log_dir = log_dir
@@ -137,13 +140,19 @@ class PartitionReplicaActor:
         self.controller_epoch = controller_epoch
 
     # ---- control plane (from the controller) -----------------------------------------------------
+    @property
+    def last_stable_offset(self) -> int:
+        """Below this every transaction is decided: read_committed readers stop here."""
+        first = self.producers.first_unstable_offset()
+        return self.high_watermark if first is None else min(first, self.high_watermark)
+
     def ping(self) -> dict:
         st = self.leader_state
         return {
             "incarnation": self.incarnation, "role": self.role, "leader_epoch": self.leader_epoch,
             "controller_epoch": self.controller_epoch, "log_end_offset": self.log.log_end_offset,
             "log_start_offset": self.log.log_start_offset, "high_watermark": self.high_watermark,
-            "last_stable_offset": self.high_watermark,
+            "last_stable_offset": self.last_stable_offset,
             "isr": list(st.isr) if st else None, "eligible": not self.rebuilding,
             "corruption": self.corruption, "node_id": ray.get_runtime_context().get_node_id(),
         }
@@ -239,8 +248,8 @@ class PartitionReplicaActor:
         return self.leader_state
 
     async def produce(self, batch, acks: int = ACKS_ALL, timeout_ms: int = 30_000, producer_id: int = -1,
-                      producer_epoch: int = -1, base_sequence: int = -1,
-                      is_transactional: bool = False) -> ProduceResult:
+                      producer_epoch: int = -1, base_sequence: int = -1, is_transactional: bool = False,
+                      transactional_id: str | None = None) -> ProduceResult:
         state = self._require_leader()
         if acks == ACKS_ALL and len(state.isr) < self.config.min_insync_replicas:
             raise NotEnoughReplicasError(
@@ -251,6 +260,8 @@ class PartitionReplicaActor:
             return ProduceResult(self.log.log_end_offset, self.log.log_start_offset)
         epoch = self.leader_epoch
         failpoints.hit("replica.before_append")
+        if is_transactional:
+            await self._verify_transaction(transactional_id, producer_id, producer_epoch, epoch)
         if producer_id >= 0:
             await self._await_predecessor(producer_id, producer_epoch, base_sequence)
             state = self._require_leader()
@@ -271,6 +282,56 @@ class PartitionReplicaActor:
         await self._notify()
         await self._await_high_watermark(info.last_offset, acks, timeout_ms, epoch)
         return ProduceResult(info.base_offset, self.log.log_start_offset)
+
+    async def _verify_transaction(self, transactional_id: str | None, producer_id: int, producer_epoch: int,
+                                  epoch: int) -> None:
+        """KIP-890: the first transactional write of a producer to this partition is added to its
+        transaction by the leader itself, through the coordinator, so a write can only land in a
+        transaction the coordinator knows (a delayed write of an ended transaction is fenced)."""
+        if producer_id < 0 or not transactional_id:
+            raise InvalidRequestError("a transactional batch needs a producer id and a transactional id")
+        entry = self.producers.producers.get(producer_id)
+        if entry is not None and entry.current_txn_first_offset >= 0 and entry.producer_epoch == producer_epoch:
+            return
+        from ..client.partitioner import murmur2, to_positive
+
+        n = to_positive(murmur2(transactional_id.encode())) % self._txn_coordinators
+        coordinator = ray.get_actor(txn_coordinator_name(n), namespace=self.namespace)
+        await coordinator.add_partitions_from_leader.remote(
+            transactional_id, producer_id, producer_epoch, [(self.topic, self.partition)])
+        self._require_leader()
+        if self.leader_epoch != epoch:
+            raise NotLeaderOrFollowerError(f"{self.topic}/{self.partition}: leadership moved")
+
+    async def write_txn_markers(self, markers: list[tuple], timeout_ms: int = 30_000) -> list[int]:
+        """Append commit/abort markers [(producer_id, producer_epoch, commit, coordinator_epoch)].
+
+        Idempotent: a marker already written (same producer epoch or older) is not written again.
+        Refused from a coordinator epoch older than one already seen for the producer. Returns once
+        the markers are replicated to the ISR.
+        """
+        self._require_leader()
+        epoch = self.leader_epoch
+        offsets, last = [], -1
+        for producer_id, producer_epoch, commit, coordinator_epoch in markers:
+            if not self.producers.check_marker(producer_id, producer_epoch, coordinator_epoch):
+                offsets.append(-1)
+                continue
+            failpoints.hit("replica.before_marker")
+            info = self.log.append(marker_batch(commit, coordinator_epoch), leader_epoch=epoch,
+                                   producer_id=producer_id, producer_epoch=producer_epoch, is_transactional=True,
+                                   is_control=True)
+            self.producers.on_marker(producer_id, producer_epoch, commit, coordinator_epoch, info.base_offset,
+                                     info.header.max_timestamp)
+            offsets.append(info.base_offset)
+            last = info.last_offset
+        state = self.leader_state
+        if state is not None and state.maybe_advance_high_watermark(self.log.log_end_offset):
+            self._on_high_watermark(state.high_watermark)
+        await self._notify()
+        if last >= 0:
+            await self._await_high_watermark(last, ACKS_ALL, timeout_ms, epoch)
+        return offsets
 
     async def _await_predecessor(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
         """Ray does not keep the order of concurrent calls to an async actor, so a producer's
@@ -310,25 +371,27 @@ class PartitionReplicaActor:
                     max_wait_ms: int = 0) -> FetchResult:
         self._require_leader()
         self._check_offset(offset)
-        if offset >= self.high_watermark and max_wait_ms > 0:
+        committed = isolation_level == READ_COMMITTED
+        if max_wait_ms > 0 and offset >= (self.last_stable_offset if committed else self.high_watermark):
             deadline = time.monotonic() + max_wait_ms / 1000.0
-            while offset >= self.high_watermark and self.role == LEADER:
+            while offset >= (self.last_stable_offset if committed else self.high_watermark) and self.role == LEADER:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 await self._wait_changed(remaining)
             self._require_leader()
             self._check_offset(offset)
-        bound = self.high_watermark
-        result = FetchResult(high_watermark=bound, last_stable_offset=bound,
+        committed = isolation_level == READ_COMMITTED
+        lso = self.last_stable_offset
+        bound = lso if committed else self.high_watermark
+        result = FetchResult(high_watermark=self.high_watermark, last_stable_offset=lso,
                              log_start_offset=self.log.log_start_offset, next_offset=offset)
         if offset < bound:
-            batches = self.log.read(offset, max_bytes, max_offset=bound)
+            # aborted transactions are dropped here, whole frames at a time, so consumers get clean batches
+            skip = self.producers.is_aborted if committed and self.producers.aborted else None
+            batches, result.next_offset = self.log.read_batches(offset, max_bytes, max_offset=bound, skip=skip)
             result.batches = [b if b.schema.equals(self.read_schema) else conform_batch(b, self.read_schema)
                               for b in batches]
-            if result.batches:
-                last = result.batches[-1]
-                result.next_offset = int(last.column(0)[last.num_rows - 1].as_py()) + 1
         return result
 
     def _check_offset(self, offset: int) -> None:
@@ -342,7 +405,7 @@ class PartitionReplicaActor:
         if which == "earliest":
             return self.log.log_start_offset
         if which == "latest":
-            return self.high_watermark
+            return self.last_stable_offset if isolation_level == READ_COMMITTED else self.high_watermark
         raise InvalidRequestError(f"list_offset: which must be 'earliest' or 'latest', got {which!r}")
 
     # ---- replication: follower side --------------------------------------------------------------
@@ -384,7 +447,9 @@ class PartitionReplicaActor:
                 raise InvalidRequestError(
                     f"replicate at {base_offset} but this follower's log ends at {self.log.log_end_offset}")
             failpoints.hit("follower.before_append")
-            self.producers.on_headers(self.log.append_frames(frames))
+            headers = self.log.append_frames(frames)
+            markers = ((h, decode_payload(p)) for _, h, p in iter_frames(frames, verify=False) if h.is_control)
+            self.producers.on_headers(headers, markers)
         self.high_watermark = max(self.high_watermark, min(leader_high_watermark, self.log.log_end_offset))
         if self.rebuilding and self.log.log_end_offset >= leader_high_watermark:
             self.rebuilding = False
@@ -531,6 +596,7 @@ class PartitionReplicaActor:
         expired = self.producers.remove_expired(_now_ms(), self._producer_id_expiration_ms)
         due = now - getattr(self, "_last_snapshot_time", 0.0) > SNAPSHOT_INTERVAL_S
         if expired or force or (due and self.log.log_end_offset != self._snapshot_offset):
+            self.producers.prune_aborted(self.log.log_start_offset)
             self.producers.write_snapshot(self.log.directory, self.log.log_end_offset)
             self._snapshot_offset = self.log.log_end_offset
             self._last_snapshot_time = now

@@ -242,19 +242,31 @@ class PartitionLog:
         At least one batch is returned when any data lies in [offset, max_offset). Control
         frames are skipped. The first and last batches are sliced to the requested range.
         """
+        return self.read_batches(offset, max_bytes, max_offset)[0]
+
+    def read_batches(self, offset: int, max_bytes: int, max_offset: int | None = None,
+                     skip: Callable[[BatchHeader], bool] | None = None) -> tuple[list[pa.RecordBatch], int]:
+        """Like `read`, also skipping frames for which `skip(header)` is true (e.g. aborted
+        transactions), and returning the offset after the last frame looked at: where a reader
+        continues, past skipped and control frames."""
         self._check_open()
         self._check_range(offset)
         end = self.log_end_offset if max_offset is None else min(max_offset, self.log_end_offset)
         out: list[pa.RecordBatch] = []
         used = 0
+        next_offset = offset
         if offset >= end:
-            return out
+            return out, next_offset
         for seg, position, header, payload in self._iter_from(offset):
             if header.base_offset >= end or (out and used + header.frame_length > max_bytes):
                 break
-            used += header.frame_length
-            if header.is_control:
+            if header.next_offset > end:
+                next_offset = max(next_offset, end)
+            else:
+                next_offset = max(next_offset, header.next_offset)
+            if header.is_control or (skip is not None and skip(header)):
                 continue
+            used += header.frame_length
             self._verify(seg, position, header)
             try:
                 batch = decode_payload(payload)
@@ -266,7 +278,15 @@ class PartitionLog:
             if lo > 0 or hi < header.record_count:
                 batch = batch.slice(lo, hi - lo)
             out.append(with_offsets(batch, header.base_offset + lo))
-        return out
+        return out, next_offset
+
+    def control_batches(self, from_offset: int | None = None) -> Iterator[tuple[BatchHeader, pa.RecordBatch]]:
+        """(header, decoded batch) of every control frame from `from_offset` (transaction markers)."""
+        start = self._log_start if from_offset is None else max(from_offset, self._log_start)
+        for seg, position, header, payload in self._iter_from(start):
+            if header.is_control and header.base_offset >= start:
+                self._verify(seg, position, header)
+                yield header, decode_payload(payload)
 
     def read_frames(self, offset: int, max_bytes: int) -> tuple[list[BatchHeader], pa.Buffer | bytes]:
         """Raw frames from the frame starting at `offset` (at least one, ~max_bytes), for followers."""

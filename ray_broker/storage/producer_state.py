@@ -45,6 +45,7 @@ class ProducerEntry:
     last_timestamp_ms: int = 0
     current_txn_first_offset: int = -1   # first offset of the producer's open transaction, if any
     coordinator_epoch: int = -1
+    last_marker_epoch: int = -1          # producer epoch of the last commit/abort marker written here
 
     @property
     def last_seq(self) -> int:
@@ -58,13 +59,13 @@ class ProducerEntry:
 
     def to_json(self) -> dict:
         return {"pid": self.producer_id, "epoch": self.producer_epoch, "ts": self.last_timestamp_ms,
-                "txn": self.current_txn_first_offset, "ce": self.coordinator_epoch,
+                "txn": self.current_txn_first_offset, "ce": self.coordinator_epoch, "me": self.last_marker_epoch,
                 "batches": [[b.first_seq, b.last_seq, b.first_offset, b.last_offset] for b in self.batches]}
 
     @classmethod
     def from_json(cls, d: dict) -> "ProducerEntry":
         e = cls(d["pid"], d["epoch"], last_timestamp_ms=d["ts"], current_txn_first_offset=d.get("txn", -1),
-                coordinator_epoch=d.get("ce", -1))
+                coordinator_epoch=d.get("ce", -1), last_marker_epoch=d.get("me", -1))
         for b in d["batches"]:
             e.batches.append(BatchRecord(*b))
         return e
@@ -80,6 +81,8 @@ class Duplicate:
 class ProducerStateManager:
     def __init__(self) -> None:
         self.producers: dict[int, ProducerEntry] = {}
+        # aborted transactions: producer id -> [(first_offset, marker_offset)], for read_committed
+        self.aborted: dict[int, list[tuple[int, int]]] = {}
         self.duplicates_dropped = 0
         self.out_of_order_refused = 0
         self.fenced_refused = 0
@@ -150,12 +153,79 @@ class ProducerStateManager:
         if is_transactional and e.current_txn_first_offset < 0:
             e.current_txn_first_offset = first_offset
 
-    def on_headers(self, headers: Iterable) -> None:
-        """Replay batch headers (from replication or the log) into the state."""
+    def on_headers(self, headers: Iterable, markers: Iterable | None = None) -> None:
+        """Replay batch headers (from replication or the log) into the state.
+
+        `markers` yields (header, decoded control batch) for the control frames among `headers`,
+        in the same order (their payload says commit or abort).
+        """
+        marker_iter = iter(markers) if markers is not None else iter(())
         for h in headers:
-            if h.producer_id >= 0 and not h.is_control:
+            if h.is_control:
+                mh, batch = next(marker_iter)
+                commit, coordinator_epoch = parse_marker(batch)
+                self.on_marker(h.producer_id, h.producer_epoch, commit, coordinator_epoch, h.base_offset,
+                               h.max_timestamp)
+            elif h.producer_id >= 0:
                 self.on_append(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count, h.base_offset,
                                h.max_timestamp, h.is_transactional)
+
+    # ---- transactions --------------------------------------------------------------------------
+    def check_marker(self, producer_id: int, producer_epoch: int, coordinator_epoch: int) -> bool:
+        """True if the marker must be written; False for a repeat of one already written.
+
+        A marker from an older coordinator epoch than this partition has seen for the producer is
+        refused: a paused or zombie coordinator cannot end a transaction.
+        """
+        e = self.producers.get(producer_id)
+        if e is None:
+            return True
+        if coordinator_epoch < e.coordinator_epoch:
+            from ..errors import ErrorCode, error_for
+
+            raise error_for(ErrorCode.TRANSACTION_COORDINATOR_FENCED,
+                            f"marker for producer {producer_id} from coordinator epoch {coordinator_epoch}; "
+                            f"epoch {e.coordinator_epoch} already seen")
+        return producer_epoch > e.last_marker_epoch
+
+    def on_marker(self, producer_id: int, producer_epoch: int, commit: bool, coordinator_epoch: int,
+                  offset: int, timestamp_ms: int = 0) -> None:
+        e = self.producers.get(producer_id)
+        if e is None:
+            e = ProducerEntry(producer_id, producer_epoch)
+            self.producers[producer_id] = e
+        if producer_epoch > e.producer_epoch:
+            e.producer_epoch = producer_epoch      # the marker carries the bumped epoch (KIP-890)
+            e.batches.clear()                      # the next transaction's sequences start at 0
+        if e.current_txn_first_offset >= 0 and not commit:
+            self.aborted.setdefault(producer_id, []).append((e.current_txn_first_offset, offset))
+        e.current_txn_first_offset = -1
+        e.coordinator_epoch = max(e.coordinator_epoch, coordinator_epoch)
+        e.last_marker_epoch = max(e.last_marker_epoch, producer_epoch)
+        e.last_timestamp_ms = max(e.last_timestamp_ms, timestamp_ms)
+
+    def has_open_transaction(self, producer_id: int) -> bool:
+        e = self.producers.get(producer_id)
+        return e is not None and e.current_txn_first_offset >= 0
+
+    def first_unstable_offset(self) -> int | None:
+        """First offset of the oldest open transaction (the LSO can not pass it)."""
+        firsts = [e.current_txn_first_offset for e in self.producers.values() if e.current_txn_first_offset >= 0]
+        return min(firsts) if firsts else None
+
+    def is_aborted(self, header) -> bool:
+        ranges = self.aborted.get(header.producer_id)
+        if not ranges or not header.is_transactional:
+            return False
+        return any(first <= header.base_offset <= last for first, last in ranges)
+
+    def prune_aborted(self, log_start_offset: int) -> None:
+        for pid in list(self.aborted):
+            kept = [r for r in self.aborted[pid] if r[1] >= log_start_offset]
+            if kept:
+                self.aborted[pid] = kept
+            else:
+                del self.aborted[pid]
 
     def remove_expired(self, now_ms: int, expiration_ms: int) -> list[int]:
         """Forget producers idle longer than `expiration_ms` that have no open transaction."""
@@ -168,7 +238,8 @@ class ProducerStateManager:
     # ---- snapshots -----------------------------------------------------------------------------
     def to_bytes(self, offset: int) -> bytes:
         body = json.dumps({"version": 1, "offset": offset,
-                           "producers": [e.to_json() for e in self.producers.values()]}).encode()
+                           "producers": [e.to_json() for e in self.producers.values()],
+                           "aborted": [[pid, a, b] for pid, rs in self.aborted.items() for a, b in rs]}).encode()
         return body + b"\n" + str(zlib.crc32(body)).encode()
 
     @classmethod
@@ -181,6 +252,8 @@ class ProducerStateManager:
         for d in doc["producers"]:
             e = ProducerEntry.from_json(d)
             mgr.producers[e.producer_id] = e
+        for pid, first, last in doc.get("aborted", []):
+            mgr.aborted.setdefault(pid, []).append((first, last))
         return mgr, doc["offset"]
 
     def write_snapshot(self, directory: str, offset: int) -> str:
@@ -206,9 +279,31 @@ class ProducerStateManager:
             except (ValueError, OSError, KeyError):
                 os.unlink(path)              # torn or corrupt snapshot: fall back to an older one
         if offset < log.log_end_offset:
-            mgr.on_headers(h for h in log.headers(max(offset, log.log_start_offset)) if h.base_offset >= offset)
+            start = max(offset, log.log_start_offset)
+            mgr.on_headers((h for h in log.headers(start) if h.base_offset >= offset), log.control_batches(start))
         return mgr, log.log_end_offset
 
 
 def snapshot_files(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "*" + SNAPSHOT_SUFFIX)))
+
+
+MARKER_SCHEMA_FIELDS = (("type", "int8"), ("coordinator_epoch", "int32"))
+ABORT, COMMIT = 0, 1
+
+
+def marker_batch(commit: bool, coordinator_epoch: int):
+    """The one-row control batch of a commit/abort marker."""
+    import pyarrow as pa
+
+    from ..records import TIMESTAMP_TYPE
+
+    import time as _time
+
+    return pa.record_batch({"timestamp": pa.array([int(_time.time() * 1000)], pa.int64()).cast(TIMESTAMP_TYPE),
+                            "type": pa.array([COMMIT if commit else ABORT], pa.int8()),
+                            "coordinator_epoch": pa.array([coordinator_epoch], pa.int32())})
+
+
+def parse_marker(batch) -> tuple[bool, int]:
+    return batch.column("type")[0].as_py() == COMMIT, batch.column("coordinator_epoch")[0].as_py()
