@@ -19,7 +19,8 @@ from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutEr
 from ..config import BrokerConfig
 from ..controller.state import ClusterState, TopicRecord
 from ..errors import BrokerTimeoutError, SchemaMismatchError, UnknownTopicOrPartitionError
-from ..protocol import PartitionDescription, PartitionState, TopicDescription, TopicMetadata, replica_actor_name
+from ..protocol import (TXN_STATE_TOPIC, PartitionDescription, PartitionState, TopicDescription, TopicMetadata,
+                        replica_actor_name, txn_coordinator_name)
 from ..records import check_schema_evolution, schema_from_bytes, schema_to_bytes
 from ..storage import atomic_write
 from .naming import alive_node_ids, pinned
@@ -64,8 +65,10 @@ class ControllerActor:
                 p.leader_epoch += 1
         self._persist()
         self._stop = threading.Event()
+        self._coordinators: dict[str, object] = {}
         self._thread = threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._ensure_internal_topics, name="internal-topics", daemon=True).start()
 
     # ---- persistence ---------------------------------------------------------------------------
     def _persist(self) -> None:
@@ -120,6 +123,56 @@ class ControllerActor:
         self.handles[key] = h
         return h
 
+    # ---- internal topics and coordinators ------------------------------------------------------
+    def _internal_topic_specs(self) -> list[tuple[str, int]]:
+        return [(TXN_STATE_TOPIC, self.config.transaction_coordinators)]
+
+    def _ensure_internal_topics(self) -> None:
+        """Create the coordinators' replicated logs (RF up to 3, min ISR 2 when 3), then the coordinators."""
+        for name, partitions in self._internal_topic_specs():
+            while not self._stop.is_set():
+                try:
+                    with self.lock:
+                        exists = name in self.state.topics
+                    if not exists:
+                        nodes = len(alive_node_ids())
+                        limit = self.config.replication_factor_max if nodes <= 1 else nodes
+                        rf = min(3, limit)
+                        self.create_topic(name, partitions, rf,
+                                          {"min.insync.replicas": 2 if rf >= 3 else 1, "segment.bytes": 1 << 20,
+                                           "retention.ms": -1}, None, internal=True)
+                    break
+                except Exception:  # noqa: BLE001 - retried until it works
+                    log.exception("creating internal topic %s", name)
+                    time.sleep(1.0)
+        self._internal_ready = True
+
+    def _ensure_coordinators(self) -> None:
+        """Coordinator actors exist (recreated if someone `ray.kill`ed them)."""
+        if not getattr(self, "_internal_ready", False):
+            return
+        from .txn_coordinator_actor import TxnCoordinator, txn_coordinator_options
+
+        for i in range(self.config.transaction_coordinators):
+            name = txn_coordinator_name(i)
+            try:
+                ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                TxnCoordinator.options(**txn_coordinator_options(name, self.namespace)).remote(
+                    i, self.namespace, self.config.to_dict())
+
+    def coordinator_identity(self, kind: str, index: int) -> tuple[int, int]:
+        """(producer id, new coordinator epoch) for a coordinator (re)loading its state."""
+        with self.lock:
+            identity = self.state.next_coordinator_identity(kind, index)
+            self._persist()
+            return identity
+
+    def cluster_info(self) -> dict:
+        return {"transaction_coordinators": self.config.transaction_coordinators,
+                "group_coordinators": self.config.group_coordinators,
+                "controller_epoch": self.state.controller_epoch}
+
     # ---- reconcile loop ------------------------------------------------------------------------
     def _reconcile_loop(self) -> None:
         interval = self.config.replica_health_check_interval_ms / 1000.0
@@ -156,6 +209,7 @@ class ControllerActor:
         self._check_nodes()
         with self.lock:
             self._decide_and_push(reports)
+        self._ensure_coordinators()
 
     def _check_nodes(self) -> None:
         if time.monotonic() - self._last_node_check < NODE_CHECK_S:

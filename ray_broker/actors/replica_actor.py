@@ -581,7 +581,7 @@ class PartitionReplicaActor:
                     ensure_controller(self.namespace)
                 if time.monotonic() - last_retention > 5.0:
                     last_retention = time.monotonic()
-                    self.log.apply_retention(now)
+                    self.log.apply_retention(now, max_offset=self.high_watermark)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
@@ -594,12 +594,25 @@ class PartitionReplicaActor:
             return
         self._last_snapshot_check = now
         expired = self.producers.remove_expired(_now_ms(), self._producer_id_expiration_ms)
+        if self.role == FOLLOWER and now - getattr(self, "_last_retention", 0.0) > 5.0:
+            self._last_retention = now
+            self.log.apply_retention(_now_ms(), max_offset=self.high_watermark)
         due = now - getattr(self, "_last_snapshot_time", 0.0) > SNAPSHOT_INTERVAL_S
         if expired or force or (due and self.log.log_end_offset != self._snapshot_offset):
             self.producers.prune_aborted(self.log.log_start_offset)
             self.producers.write_snapshot(self.log.directory, self.log.log_end_offset)
             self._snapshot_offset = self.log.log_end_offset
             self._last_snapshot_time = now
+
+    def delete_records(self, before_offset: int) -> int:
+        """Advance the log start (used to truncate internal topics after a snapshot). Safe on any
+        replica: only offsets below the high watermark, which every in-sync replica holds, go."""
+        target = min(before_offset, self.high_watermark)
+        if target <= self.log.log_start_offset:
+            return self.log.log_start_offset
+        self.log.delete_records_before(target)
+        self.producers.prune_aborted(self.log.log_start_offset)
+        return self.log.log_start_offset
 
     def producer_state(self) -> dict:
         """Producer ids known here with epoch and last sequence, plus dedup metrics."""

@@ -58,6 +58,9 @@ class ClusterState:
         self.controller_epoch = 0
         self.topics: dict[str, TopicRecord] = {}
         self.next_producer_id = 0
+        # coordinator "kind/index" -> [producer_id, epoch]: the id a coordinator writes its log with,
+        # and an epoch bumped at every (re)load so a stale coordinator is fenced
+        self.coordinators: dict[str, list[int]] = {}
 
     # ---- topics -------------------------------------------------------------------------------
     def validate_new_topic(self, name, partitions, replication_factor, config, schema, alive_nodes: int,
@@ -184,6 +187,13 @@ class ClusterState:
         self.next_producer_id += count
         return first
 
+    def next_coordinator_identity(self, kind: str, index: int) -> tuple[int, int]:
+        key = f"{kind}/{index}"
+        if key not in self.coordinators:
+            self.coordinators[key] = [self.allocate_producer_ids(1), -1]
+        self.coordinators[key][1] += 1
+        return tuple(self.coordinators[key])
+
     # ---- persistence --------------------------------------------------------------------------
     def to_json(self) -> bytes:
         def part(p: PartitionRecord):
@@ -194,6 +204,7 @@ class ClusterState:
             "format_version": FORMAT_VERSION,
             "controller_epoch": self.controller_epoch,
             "next_producer_id": self.next_producer_id,
+            "coordinators": self.coordinators,
             "topics": {
                 n: {"topic_id": t.topic_id, "config": t.config, "internal": t.internal,
                     "schema": None if t.schema is None else base64.b64encode(t.schema).decode(),
@@ -212,6 +223,7 @@ class ClusterState:
         state = cls(broker_config)
         state.controller_epoch = doc["controller_epoch"]
         state.next_producer_id = doc.get("next_producer_id", 0)
+        state.coordinators = {k: list(v) for k, v in doc.get("coordinators", {}).items()}
         for name, t in doc["topics"].items():
             parts = [PartitionRecord(p["replicas"], p["leader"], p["leader_epoch"], p["isr"],
                                      {int(r): ReplicaPlacement(v[0], v[1]) for r, v in p["placement"].items()})

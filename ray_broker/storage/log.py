@@ -448,6 +448,28 @@ class PartitionLog:
             self.checkpoint_high_watermark(new_start)
         return k
 
+    def delete_records_before(self, offset: int) -> int:
+        """Advance the log start to `offset` (Kafka's DeleteRecords): reads below it are out of range
+        and whole segments below it are deleted. Returns the number of segments deleted."""
+        self._check_open()
+        offset = min(offset, self.log_end_offset)
+        if offset <= self._log_start:
+            return 0
+        k = 0
+        while k < len(self._segments) - 1 and self._segments[k + 1].base_offset <= offset:
+            k += 1
+        write_int(self._path(LOG_START_OFFSET_FILE), offset)
+        self._log_start = offset
+        for seg in self._segments[:k]:
+            self._size -= seg.size
+            seg.delete()
+        del self._segments[:k]
+        fsync_dir(self._dir)
+        self._epochs.truncate_from_start(offset)
+        if self._hw < offset:
+            self.checkpoint_high_watermark(offset)
+        return k
+
     def truncate_to(self, offset: int) -> None:
         """Remove every frame with base_offset >= `offset`; durable on return.
 
