@@ -160,6 +160,41 @@ class Admin:
     def describe_topic(self, name: str) -> TopicDescription:
         return self._call("describe_topic", name)
 
+    # ---- transactions (Kafka's KIP-664 tooling) ------------------------------------------------
+    def _txn_coordinators(self) -> list:
+        from .protocol import txn_coordinator_name
+
+        n = self._call("cluster_info")["transaction_coordinators"]
+        return [ray.get_actor(txn_coordinator_name(i), namespace=self._cluster.namespace) for i in range(n)]
+
+    def _txn_coordinator_for(self, transactional_id: str):
+        from .client.partitioner import murmur2, to_positive
+        from .protocol import txn_coordinator_name
+
+        n = self._call("cluster_info")["transaction_coordinators"]
+        i = to_positive(murmur2(transactional_id.encode())) % n
+        return ray.get_actor(txn_coordinator_name(i), namespace=self._cluster.namespace)
+
+    def list_transactions(self) -> list:
+        """Every transactional id the coordinators know: state, partitions, start time, producer id/epoch."""
+        out = []
+        for c in self._txn_coordinators():
+            out.extend(ray.get(c.list_transactions.remote(), timeout=60))
+        return sorted(out, key=lambda d: d.transactional_id)
+
+    def describe_transaction(self, transactional_id: str):
+        desc = ray.get(self._txn_coordinator_for(transactional_id).describe_transaction.remote(transactional_id),
+                       timeout=60)
+        if desc is None:
+            from .errors import InvalidRequestError
+
+            raise InvalidRequestError(f"unknown transactional id {transactional_id!r}")
+        return desc
+
+    def abort_transaction(self, transactional_id: str) -> None:
+        """Abort a hanging transaction (its producer is fenced); for operators."""
+        ray.get(self._txn_coordinator_for(transactional_id).abort_transaction.remote(transactional_id), timeout=60)
+
     def alter_topic_schema(self, name: str, schema) -> None:
         """Evolve a schema'd topic: only new nullable columns may be added."""
         self._call("alter_topic_schema", name, schema_to_bytes(schema))

@@ -21,7 +21,8 @@ from ray.exceptions import RayActorError
 from ..config import BrokerConfig
 from ..errors import (BrokerError, CoordinatorLoadInProgressError, InvalidProducerEpochError, NotCoordinatorError,
                       UnknownProducerIdError)
-from ..protocol import CONTROLLER_NAME, READ_UNCOMMITTED, TXN_STATE_TOPIC, replica_actor_name
+from ..protocol import (CONTROLLER_NAME, OFFSETS_TOPIC, READ_UNCOMMITTED, TXN_STATE_TOPIC, group_coordinator_name,
+                        replica_actor_name)
 from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, stored_schema
 from ..testing import failpoints
 from ..txn.coordinator import CoordinatorResult, MarkerPlan, TxnCoordinatorShard
@@ -219,6 +220,11 @@ class TxnCoordinatorActor:
             backoff = 0.05
             while self.coordinator_epoch == epoch:
                 try:
+                    if topic == OFFSETS_TOPIC:
+                        # offsets sent in the transaction: their group coordinator ends them
+                        gc = ray.get_actor(group_coordinator_name(partition), namespace=self.namespace)
+                        await gc.write_txn_marker.remote(*marker[0])
+                        return
                     meta = (await controller.get_metadata.remote([topic]))[topic]
                     leader = meta.partitions[partition].leader
                     if leader is not None:

@@ -89,7 +89,8 @@ class GroupCoordinatorShard:
     def topic_partitions(self) -> Mapping[str, int]:
         return dict(self._topic_partitions)
 
-    def update_topic_partitions(self, partitions_per_topic: Mapping[str, int], now_ms: int) -> CoordinatorResult[list[str]]:
+    def update_topic_partitions(self, partitions_per_topic: Mapping[str, int],
+                                now_ms: int) -> CoordinatorResult[list[str]]:
         """Install new partition counts (immediately: soft input) and rebalance the groups
         subscribed to a topic whose count changed (records, applied after append)."""
         old = self._topic_partitions

@@ -37,7 +37,7 @@ the partition as owned by that member.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from ..errors import ErrorCode, error_for
@@ -57,7 +57,8 @@ class GroupMember:
     rebalance_timeout_ms: int
     subscription: tuple[str, ...]
     assignment: tuple[TopicPartition, ...] = ()
-    previous_assignment: tuple[TopicPartition, ...] = ()
+    # The assignment the member last received from a ready sync (what it may still be consuming).
+    synced_assignment: tuple[TopicPartition, ...] = ()
     joined: bool = False                 # has (re)joined the rebalance in progress
     synced_generation: int = NO_GENERATION
     last_heartbeat_ms: int = 0           # soft state: not compared, refreshed on load
@@ -68,7 +69,7 @@ class GroupMember:
             "session_timeout_ms": self.session_timeout_ms, "rebalance_timeout_ms": self.rebalance_timeout_ms,
             "subscription": list(self.subscription),
             "assignment": [list(tp) for tp in self.assignment],
-            "previous_assignment": [list(tp) for tp in self.previous_assignment],
+            "synced_assignment": [list(tp) for tp in self.synced_assignment],
             "joined": self.joined, "synced_generation": self.synced_generation,
             "last_heartbeat_ms": self.last_heartbeat_ms,
         }
@@ -77,7 +78,7 @@ class GroupMember:
     def from_dict(d: Mapping) -> "GroupMember":
         return GroupMember(
             d["member_id"], d["client_id"], int(d["session_timeout_ms"]), int(d["rebalance_timeout_ms"]),
-            tuple(d["subscription"]), _tps(d["assignment"]), _tps(d["previous_assignment"]),
+            tuple(d["subscription"]), _tps(d["assignment"]), _tps(d["synced_assignment"]),
             bool(d["joined"]), int(d["synced_generation"]), int(d["last_heartbeat_ms"]))
 
 
@@ -100,8 +101,10 @@ class SyncResult:
     ready: bool                                 # False: rebalance still collecting members; poll again
     generation_id: int
     assignment: tuple[TopicPartition, ...] = ()  # everything the member owns in this generation
-    revoked: tuple[TopicPartition, ...] = ()     # stop consuming (owned last generation, not now)
-    added: tuple[TopicPartition, ...] = ()       # start consuming (new in this generation)
+    # Deltas against the assignment this member last received from a ready sync (so a member that
+    # skipped a generation still gets correct deltas).
+    revoked: tuple[TopicPartition, ...] = ()     # stop consuming these
+    added: tuple[TopicPartition, ...] = ()       # start consuming these
     rejoin: bool = False                        # a new rebalance started: call join again
     protocol: str | None = None
 
@@ -127,6 +130,8 @@ class ConsumerGroup:
         self.members: dict[str, GroupMember] = {}
         self.rebalance_deadline_ms: int | None = None
         self.next_member_seq = 0
+        # Cooperative: partitions were withheld (revoked, not yet reassigned) in this generation.
+        self.followup_pending = False
         self.default_protocol = default_protocol
         # Soft: topic -> partition count, kept current by the owner (not part of the stored state).
         self.topic_partitions: Mapping[str, int] = {}
@@ -140,7 +145,8 @@ class ConsumerGroup:
         return {"group_id": self.group_id, "state": int(self.state), "generation_id": self.generation_id,
                 "protocol": self.protocol, "leader_id": self.leader_id,
                 "rebalance_deadline_ms": self.rebalance_deadline_ms,
-                "next_member_seq": self.next_member_seq, "members": members}
+                "next_member_seq": self.next_member_seq, "followup_pending": self.followup_pending,
+                "members": members}
 
     @staticmethod
     def from_dict(d: Mapping, default_protocol: str = DEFAULT_PROTOCOL) -> "ConsumerGroup":
@@ -151,6 +157,7 @@ class ConsumerGroup:
         g.leader_id = d["leader_id"]
         g.rebalance_deadline_ms = d["rebalance_deadline_ms"]
         g.next_member_seq = int(d["next_member_seq"])
+        g.followup_pending = bool(d.get("followup_pending", False))
         g.members = {m["member_id"]: GroupMember.from_dict(m) for m in d["members"]}
         return g
 
@@ -226,9 +233,10 @@ class ConsumerGroup:
             self._check_generation(generation)
             raise error_for(ErrorCode.REBALANCE_IN_PROGRESS, f"group {self.group_id!r} is rebalancing: rejoin")
         self._check_generation(generation)
+        prev, cur = set(member.synced_assignment), set(member.assignment)
         member.synced_generation = generation
+        member.synced_assignment = member.assignment
         self._maybe_start_followup_rebalance(now_ms)
-        prev, cur = set(member.previous_assignment), set(member.assignment)
         return SyncResult(True, generation, member.assignment, tuple(sorted(prev - cur)), tuple(sorted(cur - prev)),
                           rejoin=self.state is GroupState.PREPARING_REBALANCE, protocol=self.protocol)
 
@@ -311,6 +319,7 @@ class ConsumerGroup:
     def _prepare_rebalance(self, now_ms: int) -> None:
         check_transition(self.state, GroupState.PREPARING_REBALANCE)
         self.state = GroupState.PREPARING_REBALANCE
+        self.followup_pending = False
         for m in self.members.values():
             m.joined = False
         self.rebalance_deadline_ms = now_ms + self._max_rebalance_timeout()
@@ -349,26 +358,29 @@ class ConsumerGroup:
         subs = {mid: Subscription(m.subscription, owned[mid]) for mid, m in self.members.items()}
         assignment = assignor.assign(subs, self.topic_partitions)
         for mid, m in self.members.items():
-            m.previous_assignment = owned[mid]
             m.assignment = tuple(sorted(assignment.get(mid, ())))
             m.joined = False
+        if cooperative:
+            assigned = {tp for parts in assignment.values() for tp in parts}
+            withheld = {tp for parts in owned.values() for tp in parts} - assigned
+            self.followup_pending = bool(withheld & set(self._all_subscribed_partitions()))
         check_transition(self.state, GroupState.STABLE)
         self.state = GroupState.STABLE
 
     def _owned(self, m: GroupMember, cooperative: bool) -> tuple[TopicPartition, ...]:
         if not cooperative:
             return m.assignment
-        owned = set(m.assignment)
-        if m.synced_generation < self.generation_id - 1:
-            # Never acknowledged the generation that revoked these: still treat them as its own.
-            owned |= set(m.previous_assignment)
-        return tuple(sorted(owned))
+        # Partitions revoked in a generation the member has not synced yet may still be in use.
+        return tuple(sorted(set(m.assignment) | set(m.synced_assignment)))
+
+    def _all_subscribed_partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t in sorted(self.subscribed_topics())
+                for p in range(max(0, int(self.topic_partitions.get(t, 0))))]
 
     def _maybe_start_followup_rebalance(self, now_ms: int) -> None:
         """Cooperative: once every member with revocations has synced, assign the revoked ones."""
-        if self.state is not GroupState.STABLE or not self.is_cooperative():
+        if self.state is not GroupState.STABLE or not self.followup_pending:
             return
-        assigned = set(self.owner_of())
-        revokers = [m for m in self.members.values() if set(m.previous_assignment) - set(m.assignment) - assigned]
-        if revokers and all(m.synced_generation >= self.generation_id for m in revokers):
-            self._prepare_rebalance(now_ms)
+        if any(set(m.synced_assignment) - set(m.assignment) for m in self.members.values()):
+            return  # some member has not acknowledged its revocations yet
+        self._prepare_rebalance(now_ms)

@@ -221,7 +221,8 @@ class OffsetStore:
         return values
 
     def stage_txn_offsets(self, group: str, producer_id: int, producer_epoch: int, generation: int,
-                          member_id: str | None, offsets: Mapping, now_ms: int = 0) -> dict[TopicPartition, OffsetAndMetadata]:
+                          member_id: str | None, offsets: Mapping,
+                          now_ms: int = 0) -> dict[TopicPartition, OffsetAndMetadata]:
         values = normalize_offsets(offsets, now_ms)
         self.validate_txn_offsets(group, producer_id, producer_epoch, generation, member_id)
         for tp, om in sorted(values.items()):

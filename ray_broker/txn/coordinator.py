@@ -36,13 +36,13 @@ state only; take it when ``has_pending()`` is False (between operations).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from ..errors import (BrokerError, ErrorCode, InvalidProducerEpochError, InvalidRequestError,
                       InvalidTxnStateError, ProducerFencedError, UnknownProducerIdError, UnknownServerError,
                       error_for)
-from .metadata import (EXHAUSTED_PRODUCER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, TxnMetadata, TxnTransition,
+from .metadata import (EXHAUSTED_PRODUCER_EPOCH, MAX_PRODUCER_EPOCH, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, TxnMetadata, TxnTransition,
                        concurrent_transactions, new_producer_transition, not_coordinator)
 from .records import (ProducerIdBlockKey, ProducerIdBlockValue, Record, decode_record, producer_id_block_record,
                       txn_record)
@@ -346,6 +346,11 @@ class TxnCoordinatorShard:
             raise concurrent_transactions(f"{transactional_id}: previous transaction still completing")
         if meta.state == TxnState.ONGOING and parts <= meta.partitions:
             return self._result()
+        if meta.producer_epoch >= MAX_PRODUCER_EPOCH:
+            # Short.MAX is only carried by markers of a fence/overflow; a transaction opened at it
+            # could never be fenced again. The producer must re-initialise (which rotates the pid).
+            raise ProducerFencedError(f"{transactional_id}: epoch {meta.producer_epoch} is exhausted; "
+                                      f"re-initialise the producer")
         t = meta.prepare_add_partitions(parts, now_ms, self._coordinator_epoch)
         return self._result([t])
 

@@ -1,7 +1,7 @@
 """Jepsen-style verification: record a workload's history (`history`), then `check` it (`checker`).
 
 Pure Python (no Ray import), so histories can be checked offline:
-    python -m ray_broker.verification.checker history.jsonl
+    python -m ray_broker.verification history.jsonl [--json]
 """
 from .checker import ANOMALIES, Report, check
 from .history import (

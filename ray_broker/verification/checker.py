@@ -526,7 +526,7 @@ def _check_copier(offset_commits, copies, txns, sends, final_rc_values, final_rc
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ray_broker.verification.checker HISTORY.jsonl [--json]`"""
+    """python -m ray_broker.verification HISTORY.jsonl [--json]: check a saved history (exit 1 if invalid)."""
     import argparse
     import json
 

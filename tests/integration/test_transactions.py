@@ -1,0 +1,233 @@
+"""Transactions: atomic multi-partition writes, read_committed isolation, coordinator and client faults."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow as pa
+import pytest
+import ray
+
+import ray_broker as rb
+from tests.helpers import leader_of, read_partition, replica, stored_batch, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def committed_values(cluster, topic, partitions):
+    """Everything a read_committed consumer sees, once the LSO has caught up with the HW."""
+    out = []
+    for p in range(partitions):
+        out.extend(v for _, _, v in read_partition(cluster, topic, p))
+    return out
+
+
+def wait_stable(admin, topic):
+    """Markers land moments after commit returns: wait for LSO == HW on every partition."""
+    wait_for(lambda: all(p.last_stable_offset == p.high_watermark for p in admin.describe_topic(topic).partitions),
+             timeout=60, what="last stable offset to reach the high watermark")
+
+
+def coordinator():
+    return ray.get_actor("txn-coordinator/0", namespace="ray_broker")
+
+
+def test_commit_is_atomic_across_topics_and_abort_hides_everything(broker, topic_name):
+    admin = broker.admin()
+    topics = [f"{topic_name}-{i}" for i in range(3)]
+    for t in topics:
+        admin.create_topic(t, partitions=2, replication_factor=2)
+    producer = broker.producer(transactional_id=f"{topic_name}-tx")
+    producer.init_transactions()
+    producer.begin_transaction()
+    for t in topics:
+        for p in range(2):
+            producer.send(t, value=f"c-{t}-{p}".encode(), partition=p)
+    producer.commit_transaction()
+    producer.begin_transaction()
+    for t in topics:
+        for p in range(2):
+            producer.send(t, value=f"a-{t}-{p}".encode(), partition=p)
+    producer.flush()
+    producer.abort_transaction()
+    producer.begin_transaction()
+    producer.send(topics[0], value=b"after", partition=0)
+    producer.commit_transaction()
+    for t in topics:
+        wait_stable(admin, t)
+    for t in topics:
+        values = committed_values(broker, t, 2)
+        expected = [f"c-{t}-{p}".encode() for p in range(2)] + ([b"after"] if t == topics[0] else [])
+        assert sorted(values) == sorted(expected), (t, values)
+    # read_uncommitted sees the aborted records too (they are in the log)
+    raw = [v for _, _, v in read_partition(broker, topics[1], 0, isolation="read_uncommitted")]
+    assert raw == [f"c-{topics[1]}-0".encode(), f"a-{topics[1]}-0".encode()]
+
+
+def test_interleaved_producers_half_committed_half_aborted(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=3, replication_factor=2)
+    rng = random.Random(7)
+    producers = [broker.producer(transactional_id=f"{topic_name}-p{i}") for i in range(4)]
+    for p in producers:
+        p.init_transactions()
+    committed, per_partition = set(), {}
+    for round_ in range(6):
+        for p in producers:
+            p.begin_transaction()
+        staged = {id(p): [] for p in producers}
+        for _ in range(rng.randint(20, 80)):
+            p = rng.choice(producers)
+            value = f"r{round_}-{rng.random():.12f}".encode()
+            part = rng.randrange(3)
+            p.send(topic_name, value=value, partition=part)
+            staged[id(p)].append((part, value))
+        for i, p in enumerate(producers):
+            if (i + round_) % 2 == 0:
+                p.commit_transaction()
+                for part, value in staged[id(p)]:
+                    committed.add(value)
+                    per_partition.setdefault(part, []).append(value)
+            else:
+                p.abort_transaction()
+    wait_stable(admin, topic_name)
+    seen = []
+    for part in range(3):
+        values = [v for _, _, v in read_partition(broker, topic_name, part)]
+        seen.extend(values)
+        # per-partition order of each producer's committed records is preserved
+        order = {v: i for i, v in enumerate(values)}
+        mine = [v for v in per_partition.get(part, [])]
+        assert [v for v in sorted(mine, key=order.__getitem__)] == [v for v in values if v in set(mine)]
+    assert sorted(seen) == sorted(committed)
+    assert len(seen) == len(set(seen))
+
+
+def test_calls_out_of_order_raise_and_change_nothing(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name)
+    producer = broker.producer(transactional_id=f"{topic_name}-tx")
+    with pytest.raises(rb.InvalidTxnStateError):
+        producer.begin_transaction()                 # before init_transactions
+    producer.init_transactions()
+    with pytest.raises(rb.InvalidTxnStateError):
+        producer.commit_transaction()                # commit without begin
+    with pytest.raises(rb.InvalidTxnStateError):
+        producer.send(topic_name, value=b"x")        # send outside a transaction
+    producer.begin_transaction()
+    with pytest.raises(rb.InvalidTxnStateError):
+        producer.begin_transaction()                 # begin twice
+    producer.send(topic_name, value=b"ok")
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert committed_values(broker, topic_name, 1) == [b"ok"]
+
+
+def test_new_instance_fences_the_old_one(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=2)
+    tid = f"{topic_name}-tx"
+    old = broker.producer(transactional_id=tid)
+    old.init_transactions()
+    old.begin_transaction()
+    old.send(topic_name, value=b"zombie-1", partition=0)
+    old.flush()
+    new = broker.producer(transactional_id=tid)
+    new.init_transactions()                      # bumps the epoch and aborts the old transaction
+    with pytest.raises((rb.ProducerFencedError, rb.InvalidProducerEpochError)):
+        old.send(topic_name, value=b"zombie-2", partition=1).result(timeout=30)
+    with pytest.raises((rb.ProducerFencedError, rb.InvalidProducerEpochError)):
+        old.commit_transaction()
+    new.begin_transaction()
+    new.send(topic_name, value=b"fresh", partition=0)
+    new.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert committed_values(broker, topic_name, 2) == [b"fresh"]
+
+
+def test_killed_producer_is_aborted_after_its_timeout(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=2)
+    script = textwrap.dedent(f"""
+        import os, ray_broker as rb
+        c = rb.connect()                          # RAY_ADDRESS: the test session's cluster
+        p = c.producer(transactional_id="{topic_name}-tx", transaction_timeout_ms=2000)
+        p.init_transactions()
+        p.begin_transaction()
+        for i in range(100):
+            p.send("{topic_name}", value=b"doomed-%d" % i, partition=i % 2)
+        p.flush()
+        print("SENT", flush=True)
+        os._exit(9)                               # dies mid-transaction
+    """)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "SENT" in proc.stdout, proc.stderr[-3000:]
+    assert max(p.high_watermark for p in admin.describe_topic(topic_name).partitions) > 0
+    wait_stable(admin, topic_name)               # the coordinator aborted it: the LSO moves on
+    assert committed_values(broker, topic_name, 2) == []
+    desc = admin.describe_transaction(f"{topic_name}-tx")
+    assert desc.state in ("COMPLETE_ABORT", "PREPARE_ABORT")
+
+
+@pytest.mark.parametrize("failpoint", ["txn.before_markers", "txn.after_first_marker"])
+def test_coordinator_crash_after_decision_completes_as_decided(broker, topic_name, failpoint):
+    admin = broker.admin()
+    topics = [f"{topic_name}-a", f"{topic_name}-b"]
+    for t in topics:
+        admin.create_topic(t, partitions=2)
+    producer = broker.producer(transactional_id=f"{topic_name}-tx", delivery_timeout_ms=60_000)
+    producer.init_transactions()
+    producer.begin_transaction()
+    for t in topics:
+        for p in range(2):
+            producer.send(t, value=f"{t}-{p}".encode(), partition=p)
+    producer.flush()
+    ray.get(coordinator().arm_failpoint.remote(failpoint, "crash"))
+    producer.commit_transaction()                # the coordinator dies mid-commit; Ray restarts it
+    for t in topics:
+        wait_stable(admin, t)
+    for t in topics:
+        assert sorted(committed_values(broker, t, 2)) == [f"{t}-0".encode(), f"{t}-1".encode()]
+    wait_for(lambda: admin.describe_transaction(f"{topic_name}-tx").state == "COMPLETE_COMMIT", timeout=30,
+             what="transaction completed")
+
+
+def test_markers_from_an_older_coordinator_epoch_are_refused(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name)
+    producer = broker.producer(transactional_id=f"{topic_name}-tx")
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"v")
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    leader = replica(topic_name, 0, leader_of(admin, topic_name))
+    pid = producer.idempotence.producer_id
+    epoch = ray.get(coordinator().ping.remote())["coordinator_epoch"]
+    with pytest.raises(rb.TransactionCoordinatorFencedError):
+        ray.get(leader.write_txn_markers.remote([(pid, 99, False, epoch - 1)]))
+    hw = admin.describe_topic(topic_name).partitions[0].high_watermark
+    assert committed_values(broker, topic_name, 1) == [b"v"] and hw == 2
+
+
+def test_partition_leader_killed_during_commit(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=2, replication_factor=3, config={"min.insync.replicas": 2})
+    producer = broker.producer(transactional_id=f"{topic_name}-tx", delivery_timeout_ms=90_000)
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(200):
+        producer.send(topic_name, value=b"v%d" % i, partition=i % 2)
+    producer.flush()
+    old = leader_of(admin, topic_name, 0)
+    ray.get(replica(topic_name, 0, old).arm_failpoint.remote("replica.before_marker", "crash"))
+    producer.commit_transaction()
+    wait_for(lambda: leader_of(admin, topic_name, 0) not in (None, old), timeout=30, what="new leader")
+    wait_stable(admin, topic_name)
+    assert sorted(committed_values(broker, topic_name, 2)) == sorted(b"v%d" % i for i in range(200))
