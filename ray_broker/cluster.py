@@ -114,8 +114,9 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, data_dir: st
         if not ray.is_initialized():
             ray.init(address=address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
         return Cluster(namespace, find_controller(namespace), started_ray=False, data_dir=data_dir)
-    ray.init(namespace=namespace, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             configure_logging=False)
+    # address="local": always a new local instance, never whatever cluster happens to run on the machine
+    ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, configure_logging=False)
     data_dir = os.path.abspath(data_dir or DEFAULT_DATA_DIR)
     controller = deploy(namespace, data_dir, broker_config)
     return Cluster(namespace, controller, started_ray=True, data_dir=data_dir)
@@ -139,8 +140,10 @@ class Admin:
             self._controller = find_controller(self._cluster.namespace)
             return ray.get(getattr(self._controller, method).remote(*args, **kw), timeout=timeout)
 
-    def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1,
+    def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
                      config: Mapping[str, Any] | None = None, schema=None) -> TopicDescription:
+        """Create a topic; partitions / replication factor default to the broker's num.partitions and
+        default.replication.factor."""
         if config is not None and not isinstance(config, Mapping):
             raise InvalidConfigError(f"topic config must be a mapping, got {type(config).__name__}")
         from .records import validate_user_schema

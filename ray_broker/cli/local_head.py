@@ -77,7 +77,10 @@ def head_alive(state: dict | None) -> bool:
 
 def start_head(num_cpus: int | None = None, timeout_s: float = 120.0) -> dict:
     """Run `ray start --head` in the background; returns the state written to the state file."""
-    ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    # the `ray` next to this interpreter first (a venv's), so head and driver run the same Ray
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    if not os.path.exists(ray_bin):
+        ray_bin = shutil.which("ray") or "ray"
     temp_dir = tempfile.mkdtemp(prefix="rb_", dir="/tmp")  # short: Ray's socket paths are length-limited
     port = _free_port()
     cmd = [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",

@@ -27,7 +27,7 @@ def _env(home: str | None = None) -> dict:
     return env
 
 
-def run_cli(args, home=None, stdin: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
+def run_cli(args, home=None, stdin: str | None = None, timeout: float = 150.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ray_broker.cli.main", *args], input=stdin, capture_output=True,
                           text=True, env=_env(home), cwd=REPO, timeout=timeout)
 
@@ -83,7 +83,7 @@ def broker(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_topics_lifecycle(broker):
     p = run_cli(["topics", "create", "cli-orders", "--partitions", "3", "--replication-factor", "2",
                  "--config", "min.insync.replicas=2", "--config", "retention.ms=3600000"], home=broker)
@@ -95,6 +95,7 @@ def test_topics_lifecycle(broker):
     assert "PartitionCount: 3" in p.stdout and "ReplicationFactor: 2" in p.stdout
     assert "min.insync.replicas=2" in p.stdout and "retention.ms=3600000" in p.stdout
     p = run_cli(["topics", "describe", "cli-orders", "--json"], home=broker)
+    assert p.returncode == 0, p.stderr
     desc = json.loads(p.stdout)
     assert [q["partition"] for q in desc["partitions"]] == [0, 1, 2]
     assert all(len(q["replicas"]) == 2 for q in desc["partitions"])
@@ -115,7 +116,7 @@ def test_topics_lifecycle(broker):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_produce_consume_round_trip(broker):
     p = run_cli(["topics", "create", "cli-rt", "--partitions", "2"], home=broker)
     assert p.returncode == 0, p.stderr
