@@ -20,7 +20,7 @@ from ..config import BrokerConfig
 from ..controller.state import ClusterState, TopicRecord
 from ..errors import BrokerTimeoutError, SchemaMismatchError, UnknownTopicOrPartitionError
 from ..protocol import (TXN_STATE_TOPIC, PartitionDescription, PartitionState, TopicDescription, TopicMetadata,
-                        replica_actor_name, txn_coordinator_name)
+                        group_coordinator_name, replica_actor_name, txn_coordinator_name)
 from ..records import check_schema_evolution, schema_from_bytes, schema_to_bytes
 from ..storage import atomic_write
 from .naming import alive_node_ids, pinned
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 1.0
 STARTUP_GRACE_S = 15.0
 NODE_CHECK_S = 1.0
+COORDINATOR_PING_S = 1.0
 Key = tuple[str, int, int]
 
 
@@ -125,7 +126,10 @@ class ControllerActor:
 
     # ---- internal topics and coordinators ------------------------------------------------------
     def _internal_topic_specs(self) -> list[tuple[str, int]]:
-        return [(TXN_STATE_TOPIC, self.config.transaction_coordinators)]
+        from ..protocol import OFFSETS_TOPIC
+
+        return [(TXN_STATE_TOPIC, self.config.transaction_coordinators),
+                (OFFSETS_TOPIC, self.config.group_coordinators)]
 
     def _ensure_internal_topics(self) -> None:
         """Create the coordinators' replicated logs (RF up to 3, min ISR 2 when 3), then the coordinators."""
@@ -148,9 +152,19 @@ class ControllerActor:
         self._internal_ready = True
 
     def _ensure_coordinators(self) -> None:
-        """Coordinator actors exist (recreated if someone `ray.kill`ed them)."""
+        """Coordinator actors exist (recreated if someone `ray.kill`ed them) and are loaded: a
+        coordinator that restarted must resend the markers of decided transactions even if no
+        client calls it, so it is pinged (which loads it) about once a second."""
         if not getattr(self, "_internal_ready", False):
             return
+        if time.monotonic() - getattr(self, "_last_coordinator_ping", 0.0) >= COORDINATOR_PING_S:
+            self._last_coordinator_ping = time.monotonic()
+            for name in [txn_coordinator_name(i) for i in range(self.config.transaction_coordinators)] + \
+                    [group_coordinator_name(i) for i in range(self.config.group_coordinators)]:
+                try:
+                    self._pending_pushes.append(ray.get_actor(name, namespace=self.namespace).ping.remote())
+                except ValueError:
+                    pass
         from .txn_coordinator_actor import TxnCoordinator, txn_coordinator_options
 
         for i in range(self.config.transaction_coordinators):
@@ -159,6 +173,16 @@ class ControllerActor:
                 ray.get_actor(name, namespace=self.namespace)
             except ValueError:
                 TxnCoordinator.options(**txn_coordinator_options(name, self.namespace)).remote(
+                    i, self.namespace, self.config.to_dict())
+        from ..protocol import group_coordinator_name
+        from .group_coordinator_actor import GroupCoordinator, group_coordinator_options
+
+        for i in range(self.config.group_coordinators):
+            name = group_coordinator_name(i)
+            try:
+                ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                GroupCoordinator.options(**group_coordinator_options(name, self.namespace)).remote(
                     i, self.namespace, self.config.to_dict())
 
     def coordinator_identity(self, kind: str, index: int) -> tuple[int, int]:
@@ -332,8 +356,11 @@ class ControllerActor:
     def ping(self) -> dict:
         return {"controller_epoch": self.state.controller_epoch, "topics": len(self.state.topics)}
 
-    def create_topic(self, name: str, partitions: int = 1, replication_factor: int = 1, config: dict | None = None,
-                     schema: bytes | None = None, internal: bool = False, timeout_s: float = 60.0) -> TopicMetadata:
+    def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
+                     config: dict | None = None, schema: bytes | None = None, internal: bool = False,
+                     timeout_s: float = 60.0) -> TopicMetadata:
+        partitions = self.config.num_partitions if partitions is None else partitions
+        replication_factor = self.config.default_replication_factor if replication_factor is None else replication_factor
         with self.lock:
             nodes = alive_node_ids()
             topic_config, schema_bytes = self.state.validate_new_topic(
@@ -475,10 +502,17 @@ class ControllerActor:
         return out
 
     def shutdown_broker(self) -> None:
-        """Stop the reconcile loop and kill every replica actor (data stays on disk)."""
+        """Stop the reconcile loop and kill every broker actor but this one (data stays on disk)."""
         self._stop.set()
         self._thread.join(timeout=5)
         with self.lock:
+            names = [txn_coordinator_name(i) for i in range(self.config.transaction_coordinators)]
+            names += [group_coordinator_name(i) for i in range(self.config.group_coordinators)]
+            for name in names:
+                try:
+                    ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
+                except Exception:  # noqa: BLE001 - not running
+                    pass
             for h in self.handles.values():
                 try:
                     ray.kill(h, no_restart=True)

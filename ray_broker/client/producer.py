@@ -23,14 +23,39 @@ Data path
 Errors raised by `send()` itself (nothing is queued): `UnknownTopicOrPartitionError` (unknown topic or
 partition), `InvalidRequestError` (declared-schema topic, bad argument types, closed producer),
 `RecordTooLargeError`, `BrokerTimeoutError` (buffer full for `max_block_ms`).
+
+Transactions (`transactional_id` set; Kafka TV2 / KIP-890, see kafka-eos.md 2.12-2.13)
+- Idempotence is on; the producer id comes from the transaction coordinator in
+  `init_transactions()` (which also fences older instances with the same transactional id and
+  waits until their open transaction is aborted), not at construction.
+- `begin_transaction()` / `send*()` / `send_offsets_to_transaction()` / `commit_transaction()` or
+  `abort_transaction()`; or `with producer.transaction(): ...`. `send*()` outside a transaction
+  raises `InvalidTxnStateError` at once. The client state machine is `txn_manager.TransactionManager`.
+- Batches carry `is_transactional=True` and the transactional id: the partition leader adds the
+  partition to the transaction itself (no AddPartitionsToTxn from the client).
+- Every commit/abort bumps the epoch (at exhaustion: a new producer id); the producer adopts the
+  identity `end_txn` returns and restarts all partition sequences at 0.
+- Abortable errors (the transaction must be aborted, the producer stays usable): any record of
+  the transaction failing (`BrokerTimeoutError`, `UnknownOutcomeError`, `OutOfOrderSequenceError`,
+  `UnknownProducerIdError`, `RecordTooLargeError`, ...) and errors of `send_offsets_to_transaction()`
+  other than fencing. They surface as `TransactionAbortableError` from `commit_transaction()` and
+  from every later call except `abort_transaction()`.
+- Fatal errors (the producer can only be closed): `ProducerFencedError` /
+  `InvalidProducerEpochError` (a newer instance called `init_transactions()`, or the coordinator
+  aborted this transaction after `transaction_timeout_ms`) from `end_txn`, `add_offsets` or a
+  produce of this transaction, and `InvalidTransactionTimeoutError` from `init_transactions()`.
+  Every later transactional call and `send*()` raises the fatal error again (`ProducerFencedError`
+  when fenced).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,13 +66,16 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ..config import ProducerConfig
 from ..errors import (InvalidProducerEpochError, ProducerFencedError, UnknownProducerIdError, BrokerError, BrokerTimeoutError, InvalidRequestError, NotEnoughReplicasAfterAppendError,
                       OutOfOrderSequenceError, RecordTooLargeError, UnknownOutcomeError,
-                      UnknownTopicOrPartitionError)
-from ..protocol import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata
-from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, schema_from_bytes, stored_schema
+                      UnknownTopicOrPartitionError, CoordinatorNotAvailableError, InvalidTxnStateError,
+                      InvalidTransactionTimeoutError, NotCoordinatorError, TransactionAbortableError)
+from ..protocol import (NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata, group_coordinator_name,
+                        txn_coordinator_name)
+from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, TopicPartition, schema_from_bytes, stored_schema
 from .batching import compute_partitions, normalize_batch, now_ms, plan_batch
 from .futures import BatchFuture, BatchState, RecordFuture
 from .metadata_cache import ClientContext, unwrap_error
-from .partitioner import StickyPartitioner
+from .partitioner import StickyPartitioner, murmur2, to_positive
+from .txn_manager import ClientTxnState, TransactionManager, TxnOperation, is_fatal_error
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +237,28 @@ def _binary_array(items: list) -> pa.Array:
                                                   pa.py_buffer(b"".join(items))])
 
 
+def _group_fields(group_metadata: Any) -> tuple[str, int, str | None]:
+    """(group id, generation, member id) from a group id str, a dict or a group-metadata object."""
+    if isinstance(group_metadata, str):
+        group_id, generation, member_id = group_metadata, -1, None
+    else:
+        if isinstance(group_metadata, Mapping):
+            get = group_metadata.get
+        else:
+            def get(name, default=None):
+                return getattr(group_metadata, name, default)
+        group_id = get("group_id")
+        generation = get("generation_id", get("generation", -1))
+        member_id = get("member_id", None)
+    if not isinstance(group_id, str) or not group_id:
+        raise InvalidRequestError(f"group_metadata must be a group id or carry a group_id, got {group_metadata!r}")
+    if isinstance(generation, bool) or not isinstance(generation, int):
+        raise InvalidRequestError(f"group generation must be an int, got {generation!r}")
+    if member_id is not None and not isinstance(member_id, str):
+        raise InvalidRequestError(f"group member id must be a str, got {member_id!r}")
+    return group_id, generation, member_id
+
+
 def _is_ambiguous(err: BaseException) -> bool:
     return isinstance(err, (RayActorError, GetTimeoutError, BrokerTimeoutError, NotEnoughReplicasAfterAppendError))
 
@@ -236,7 +286,11 @@ class Producer:
         self._backoff = c.retry_backoff_ms / 1000.0
         self._max_block = c.max_block_ms / 1000.0
         self.idempotence = IdempotenceState()
-        if c.idempotence_enabled:
+        self.transactional_id: str | None = c.transactional_id
+        if self.transactional_id is not None:
+            # idempotent + transactional; the producer id comes from init_transactions()
+            self.idempotence.transactional = True
+        elif c.idempotence_enabled:
             self._new_producer_id()
         elif c.enable_idempotence is None:
             warnings.warn(f"acks={c.acks!r} turns off the default enable.idempotence: retries may duplicate "
@@ -245,6 +299,14 @@ class Producer:
 
         self._lock = threading.RLock()
         self._space = threading.Condition(self._lock)
+        # transactions: state machine (shares the producer lock), one transactional call at a time
+        self._txn: TransactionManager | None = (TransactionManager(self.transactional_id, self._lock)
+                                                if self.transactional_id is not None else None)
+        self._txn_call_lock = threading.Lock()
+        self._txn_started = False          # something was queued / offsets added in the open transaction
+        self._txn_coordinators: int | None = None
+        self._txn_coordinator = None
+        self._drop_unsent: BaseException | None = None   # sender fails records not yet sent with this
         self._wakeup = threading.Event()
         self._topic_info: dict[str, _TopicInfo] = {}
         self._buffers: dict[str, _TopicBuffer] = {}
@@ -264,9 +326,15 @@ class Producer:
     def send(self, topic: str, value: bytes | str | None = None, key: bytes | str | None = None,
              partition: int | None = None, headers: list[tuple[str, bytes]] | None = None,
              timestamp: int | None = None) -> RecordFuture:
-        """Queue one record; the future's result is `RecordMetadata(topic, partition, offset)`."""
+        """Queue one record; the future's result is `RecordMetadata(topic, partition, offset)`.
+
+        On a transactional producer only inside a transaction (else `InvalidTxnStateError`;
+        `TransactionAbortableError` once the transaction failed; the fatal error once fenced).
+        """
         if self._closed:
             raise InvalidRequestError("producer is closed")
+        if self._txn is not None:
+            self._txn.check(TxnOperation.SEND)
         info = self._info(topic)
         if info.user_schema is not None:
             raise InvalidRequestError(
@@ -297,6 +365,8 @@ class Producer:
             if self._closed:
                 raise InvalidRequestError("producer is closed")
             self._reserve(size)
+            if self._txn is not None:
+                self._txn_record_queued(size)
             tb = self._buffers.get(topic)
             if tb is None:
                 tb = self._buffers[topic] = _TopicBuffer(topic)
@@ -339,9 +409,12 @@ class Producer:
         """Queue many rows; the future's result is `BatchMetadata` aligned with the input rows.
 
         Validation (schema, partition, sizes) happens here: errors raise before anything is sent.
+        Transactional producers: as `send()`.
         """
         if self._closed:
             raise InvalidRequestError("producer is closed")
+        if self._txn is not None:
+            self._txn.check(TxnOperation.SEND)
         info = self._info(topic)
         now = now_ms()
         rb = normalize_batch(batch, info.user_schema, now)
@@ -367,6 +440,8 @@ class Producer:
             if self._closed:
                 raise InvalidRequestError("producer is closed")
             self._reserve(st.nbytes)
+            if self._txn is not None:
+                self._txn_record_queued(st.nbytes)
             self._incomplete.add(st)
             st.add_pieces(len(plan))
             for p, sub, rows in plan:
@@ -381,6 +456,10 @@ class Producer:
         Raises `BrokerTimeoutError` if that takes longer than `timeout` seconds; failures of
         individual records are reported through their futures, not here.
         """
+        self._flush_states(timeout)
+
+    def _flush_states(self, timeout: float | None) -> list[BatchState]:
+        """`flush()`; returns the record states it waited for."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             states = list(self._incomplete)
@@ -393,6 +472,7 @@ class Producer:
         finally:
             with self._lock:
                 self._flushing -= 1
+        return states
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop the sender. Records still unsent after `timeout` fail with BrokerTimeoutError."""
@@ -425,6 +505,316 @@ class Producer:
 
     def partitions_for(self, topic: str) -> list[int]:
         return list(range(self._info(topic).num_partitions))
+
+    # ============================================================================== transactions
+    @property
+    def transaction_state(self) -> ClientTxnState | None:
+        """The client transaction state (None for a non-transactional producer)."""
+        return self._txn.state if self._txn is not None else None
+
+    def init_transactions(self, timeout: float | None = None) -> None:
+        """Get this transactional id's producer id and epoch from its transaction coordinator.
+
+        Fences every older producer with the same `transactional_id` (their later writes and
+        commits fail with `ProducerFencedError`) and returns once an open transaction of theirs is
+        aborted. Call once, before the first `begin_transaction()`. Retriable coordinator errors
+        (`ConcurrentTransactionsError` while the old transaction is being aborted, coordinator
+        loading / moving) are retried with backoff for `timeout` seconds (default `max_block_ms`);
+        then `BrokerTimeoutError`, and calling `init_transactions()` again resumes.
+        `InvalidTransactionTimeoutError` (transaction_timeout_ms above the broker's
+        transaction.max.timeout.ms) is fatal.
+        """
+        txn = self._require_txn()
+        with self._txn_call_lock:
+            self._check_not_closed()
+            txn.start(TxnOperation.INIT)
+            deadline = self._txn_deadline(timeout)
+            try:
+                pid, epoch = self._coordinator_call(
+                    "init_producer_id", (self.transactional_id, int(self.config.transaction_timeout_ms)),
+                    deadline, "init_transactions()")
+            except BrokerError as err:
+                if is_fatal_error(err) or isinstance(err, InvalidTransactionTimeoutError):
+                    raise txn.fatal(err) from None
+                raise
+            with self._lock:
+                self._adopt_identity(pid, epoch)
+                txn.finish(TxnOperation.INIT)
+            log.debug("transactional id %r: producer id %d epoch %d", self.transactional_id, pid, epoch)
+
+    def begin_transaction(self) -> None:
+        """Start a transaction (local only: nothing is sent to the broker until the first record)."""
+        txn = self._require_txn()
+        self._check_not_closed()
+        with self._lock:
+            txn.start(TxnOperation.BEGIN)
+            self._txn_started = False
+
+    def commit_transaction(self, timeout: float | None = None) -> None:
+        """Flush, then commit the open transaction.
+
+        Returning means the commit decision is durable in the transaction log: the transaction
+        will be completed even if this process or the coordinator dies now. read_committed
+        consumers see its records once the commit markers land in every partition, moments later.
+
+        If any record of the transaction failed, nothing is committed: the state becomes
+        ABORTABLE_ERROR and `TransactionAbortableError` (naming the first failure) is raised; call
+        `abort_transaction()`. `ProducerFencedError` (also for `InvalidProducerEpochError`) is fatal.
+        `BrokerTimeoutError` after `timeout` seconds (default: records wait up to
+        delivery_timeout_ms, the commit itself up to max_block_ms): call `commit_transaction()`
+        again to resume (nothing else is allowed until it succeeds).
+        """
+        txn = self._require_txn()
+        with self._txn_call_lock:
+            self._check_not_closed()
+            with self._lock:
+                txn.start(TxnOperation.COMMIT)   # under the producer lock: no send() slips in after
+            start = time.monotonic()
+            states = self._flush_states(timeout)
+            for st in states:                    # their completion hook may not have run yet
+                err = st.first_error()
+                if err is not None:
+                    self._txn_record_failed(err)
+                    break
+            if txn.state is not ClientTxnState.COMMITTING:
+                txn.check(TxnOperation.COMMIT)   # raises the abortable / fatal error
+            if self._txn_started:
+                remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+                self._end_txn(True, self._txn_deadline(remaining))
+            with self._lock:
+                txn.finish(TxnOperation.COMMIT)
+                self._txn_started = False
+
+    def abort_transaction(self, timeout: float | None = None) -> None:
+        """Abort the open transaction (also the way out of ABORTABLE_ERROR).
+
+        Records not sent yet fail with `TransactionAbortableError`; sends already in flight are
+        waited for (their failures are ignored); then the coordinator writes the abort decision
+        (returning means it is durable; the markers follow) and the producer continues under the
+        bumped epoch. `ProducerFencedError` is fatal; `BrokerTimeoutError` after `timeout` seconds
+        (default max_block_ms for the coordinator call): call `abort_transaction()` again.
+        """
+        txn = self._require_txn()
+        with self._txn_call_lock:
+            self._check_not_closed()
+            with self._lock:
+                txn.start(TxnOperation.ABORT)
+                self._drop_unsent = TransactionAbortableError(
+                    f"transaction of {self.transactional_id!r} aborted before the record was sent")
+            start = time.monotonic()
+            self._wakeup.set()
+            self._flush_states(timeout)
+            if txn.state is not ClientTxnState.ABORTING:
+                txn.check(TxnOperation.ABORT)    # fatal meanwhile
+            if self._txn_started:
+                remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+                self._end_txn(False, self._txn_deadline(remaining))
+            with self._lock:
+                txn.finish(TxnOperation.ABORT)
+                self._txn_started = False
+
+    def send_offsets_to_transaction(self, offsets: Mapping[TopicPartition, int], group_metadata: Any,
+                                    timeout: float | None = None) -> None:
+        """Commit consumer offsets as part of the open transaction (read-process-write).
+
+        `offsets`: {TopicPartition: next offset to consume}. `group_metadata`: the consumer group
+        id (str) or an object / dict with `group_id` (and `generation_id`, `member_id` for KIP-447
+        fencing). The offsets become visible to the group only if the transaction commits.
+        Adds the group's offsets partition to the transaction (`add_offsets`), then hands the offsets
+        to the group coordinator (`_commit_txn_offsets`). Errors other than fencing make the
+        transaction abortable.
+        """
+        txn = self._require_txn()
+        group_id, generation, member_id = _group_fields(group_metadata)
+        norm: dict[TopicPartition, int] = {}
+        if not isinstance(offsets, Mapping):
+            raise InvalidRequestError("offsets must be a dict {TopicPartition: offset}")
+        for tp, off in offsets.items():
+            try:
+                topic, partition = tp
+            except (TypeError, ValueError):
+                raise InvalidRequestError(f"offsets key {tp!r} is not a TopicPartition") from None
+            if isinstance(off, bool) or not isinstance(off, int) or off < 0:
+                raise InvalidRequestError(f"offset for {tp!r} must be a non-negative int, got {off!r}")
+            norm[TopicPartition(str(topic), int(partition))] = int(off)
+        with self._txn_call_lock:
+            self._check_not_closed()
+            txn.check(TxnOperation.SEND_OFFSETS)
+            with self._lock:
+                self._txn_started = True
+                pid, epoch = self.idempotence.producer_id, self.idempotence.producer_epoch
+            deadline = self._txn_deadline(timeout)
+            try:
+                self._coordinator_call("add_offsets", (self.transactional_id, pid, epoch, group_id), deadline,
+                                       "send_offsets_to_transaction()")
+                self._commit_txn_offsets(norm, group_metadata, group_id=group_id, generation=generation,
+                                         member_id=member_id, deadline=deadline)
+            except BrokerError as err:
+                if is_fatal_error(err):
+                    raise self._txn_fatal(err) from None
+                with self._lock:
+                    txn.abortable(err)
+                raise
+
+    def _commit_txn_offsets(self, offsets: dict[TopicPartition, int], group_metadata: Any, *, group_id: str,
+                            generation: int, member_id: str | None, deadline: float) -> None:
+        """Hand the transaction's offsets to the group coordinator (TxnOffsetCommit, pending until
+        the transaction's marker). The group side lands with consumer groups: until a
+        `group-coordinator/<n>` actor with a `txn_offset_commit` method exists this does nothing
+        beyond the `add_offsets` already done."""
+        try:
+            info = ray.get(self.context.controller().cluster_info.remote(), timeout=self._request_timeout)
+            count = int(info.get("group_coordinators", 1))
+            name = group_coordinator_name(to_positive(murmur2(group_id.encode("utf-8"))) % count)
+            handle = ray.get_actor(name, namespace=self.context.namespace)
+            method = getattr(handle, "txn_offset_commit")
+        except (ValueError, AttributeError):
+            return
+        pid, epoch = self.idempotence.producer_id, self.idempotence.producer_epoch
+        remaining = max(0.001, deadline - time.monotonic())
+        try:
+            ray.get(method.remote(group_id, pid, epoch, generation, member_id, dict(offsets)), timeout=remaining)
+        except Exception as exc:  # noqa: BLE001 - reported as the Broker error inside
+            raise unwrap_error(exc) from None
+
+    @contextlib.contextmanager
+    def transaction(self, timeout: float | None = None) -> Iterator["Producer"]:
+        """`with producer.transaction(): ...` begins a transaction, commits it when the block ends
+        normally and aborts it when the block raises (the exception propagates). If the commit
+        fails abortably, the transaction is aborted and `TransactionAbortableError` propagates."""
+        self.begin_transaction()
+        try:
+            yield self
+        except BaseException:
+            if self._txn is not None and self._txn.state in (ClientTxnState.IN_TRANSACTION,
+                                                             ClientTxnState.ABORTABLE_ERROR,
+                                                             ClientTxnState.ABORTING):
+                try:
+                    self.abort_transaction(timeout)
+                except Exception:  # noqa: BLE001 - keep the block's exception
+                    log.exception("aborting transaction of %r failed", self.transactional_id)
+            raise
+        try:
+            self.commit_transaction(timeout)
+        except TransactionAbortableError:
+            self.abort_transaction(timeout)
+            raise
+
+    # ------------------------------------------------------------------ transaction helpers
+    def _require_txn(self) -> TransactionManager:
+        if self._txn is None:
+            raise InvalidTxnStateError("not a transactional producer: set transactional_id in ProducerConfig")
+        return self._txn
+
+    def _check_not_closed(self) -> None:
+        if self._closed:
+            raise InvalidRequestError("producer is closed")
+
+    def _txn_deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self._max_block if timeout is None else max(0.0, timeout))
+
+    def _txn_record_queued(self, size: int) -> None:
+        """A record is being queued (lock held, `size` bytes reserved): the transaction must still
+        be open; it now has data."""
+        try:
+            self._txn.check(TxnOperation.SEND)
+        except BaseException:
+            self._used_bytes -= size
+            self._space.notify_all()
+            raise
+        self._txn_started = True
+
+    def _txn_record_failed(self, err: BaseException) -> None:
+        """A record of the open transaction failed (sender thread or commit)."""
+        with self._lock:
+            if is_fatal_error(err):
+                self._txn_fatal(err)
+            elif self._txn.abortable(err):
+                log.info("transaction of %r must be aborted: %r", self.transactional_id, err)
+
+    def _txn_fatal(self, err: BaseException) -> BaseException:
+        with self._lock:
+            first = self._txn.state is not ClientTxnState.FATAL_ERROR
+            fatal = self._txn.fatal(err)
+            if first:
+                log.warning("transactional producer %r: fatal error %r", self.transactional_id, err)
+                self._drop_unsent = fatal
+                self._wakeup.set()
+            return fatal
+
+    def _adopt_identity(self, producer_id: int, producer_epoch: int) -> None:
+        """(lock held) Continue under this producer id / epoch; sequences restart at 0."""
+        idem = self.idempotence
+        idem.producer_id, idem.producer_epoch = int(producer_id), int(producer_epoch)
+        idem.enabled = True
+        idem.transactional = True
+        idem.reset()
+
+    def _end_txn(self, commit: bool, deadline: float) -> None:
+        with self._lock:
+            pid, epoch = self.idempotence.producer_id, self.idempotence.producer_epoch
+        what = "commit_transaction()" if commit else "abort_transaction()"
+        try:
+            new_pid, new_epoch = self._coordinator_call(
+                "end_txn", (self.transactional_id, pid, epoch, commit), deadline, what,
+                retry_also=(InvalidTxnStateError,))
+        except BrokerError as err:
+            if is_fatal_error(err):
+                raise self._txn_fatal(err) from None
+            raise
+        with self._lock:
+            self._adopt_identity(new_pid, new_epoch)
+
+    def _coordinator(self, refresh: bool = False):
+        """Handle of this transactional id's coordinator (`txn-coordinator/<n>`)."""
+        with self._lock:
+            if self._txn_coordinator is not None and not refresh:
+                return self._txn_coordinator
+            count = self._txn_coordinators
+        if count is None:
+            info = ray.get(self.context.controller(refresh=refresh).cluster_info.remote(),
+                           timeout=self._request_timeout)
+            count = int(info["transaction_coordinators"])
+        n = to_positive(murmur2(self.transactional_id.encode("utf-8"))) % count
+        name = txn_coordinator_name(n)
+        try:
+            handle = ray.get_actor(name, namespace=self.context.namespace)
+        except ValueError:
+            raise CoordinatorNotAvailableError(f"transaction coordinator {name!r} not found") from None
+        with self._lock:
+            self._txn_coordinators = count
+            self._txn_coordinator = handle
+        return handle
+
+    def _coordinator_call(self, method: str, args: tuple, deadline: float, what: str,
+                          retry_also: tuple[type, ...] = ()) -> Any:
+        """Call the coordinator, retrying retriable errors (same call: all are idempotent) and
+        re-resolving the handle after actor errors, until `deadline` -> `BrokerTimeoutError`."""
+        attempt = 0
+        refresh = False
+        last: BaseException | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if attempt > 0 and remaining <= 0:
+                raise BrokerTimeoutError(f"{what} for transactional id {self.transactional_id!r} did not complete "
+                                         f"in time ({attempt} attempts); last error: {last!r}")
+            try:
+                handle = self._coordinator(refresh=refresh)
+                ref = getattr(handle, method).remote(*args)
+                return ray.get(ref, timeout=max(0.05, min(remaining, self._request_timeout)))
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                err = unwrap_error(exc)
+                if isinstance(err, (RayActorError, GetTimeoutError)):
+                    refresh = True
+                elif isinstance(err, BrokerError) and (err.retriable or isinstance(err, retry_also)):
+                    refresh = isinstance(err, (NotCoordinatorError, CoordinatorNotAvailableError))
+                else:
+                    raise err from None
+                last = err
+            attempt += 1
+            log.debug("%s: retrying %s after %r", self.transactional_id, method, last)
+            time.sleep(max(0.0, min(self._backoff * min(2 ** (attempt - 1), 10), 1.0,
+                                    deadline - time.monotonic())))
 
     # ============================================================================== caller side helpers
     def _info(self, topic: str, refresh: bool = False) -> _TopicInfo:
@@ -484,6 +874,10 @@ class Producer:
             self._incomplete.discard(st)
             self._used_bytes -= st.nbytes
             self._space.notify_all()
+            if self._txn is not None:
+                err = st.first_error()
+                if err is not None:
+                    self._txn_record_failed(err)
 
     def _add_piece(self, topic: str, partition: int, piece: _Piece) -> None:
         """Queue a piece (lock held)."""
@@ -512,6 +906,8 @@ class Producer:
         if self._abort is not None:
             self._fail_everything(self._abort)
             return False
+        if self._drop_unsent is not None:
+            self._fail_unsent()
         now = time.monotonic()
         next_wake = now + 0.1
         snaps = []
@@ -709,9 +1105,11 @@ class Producer:
         ctx = self.context
         try:
             leader, handle = ctx.leader_handle(b.topic, b.partition)
-            ref = handle.produce.remote(b.batch, self._acks, int(self._request_timeout * 1000),
-                                        b.producer_id, b.producer_epoch, b.base_sequence,
-                                        self.idempotence.transactional)
+            args = (b.batch, self._acks, int(self._request_timeout * 1000), b.producer_id, b.producer_epoch,
+                    b.base_sequence, self.idempotence.transactional)
+            if self.transactional_id is not None:
+                args += (self.transactional_id,)   # the leader adds the partition to the transaction
+            ref = handle.produce.remote(*args)
         except BaseException as exc:
             err = unwrap_error(exc)
             if isinstance(err, BrokerError) and not err.retriable:
@@ -757,7 +1155,7 @@ class Producer:
                 b.sent_behind = False
                 self._schedule_retry(b, err, False, now, backoff=0.0)
                 return
-            if isinstance(err, UnknownProducerIdError) and b.base_sequence >= 0:
+            if isinstance(err, UnknownProducerIdError) and b.base_sequence >= 0 and self._txn is None:
                 b.resequence = True
                 self._schedule_retry(b, err, False, now, backoff=0.0)
                 return
@@ -814,6 +1212,10 @@ class Producer:
                 b.base_sequence + b.batch.num_rows) % SEQUENCE_MODULUS:
             self.idempotence.next_sequence[key] = b.base_sequence
             return
+        if self._txn is not None:
+            # transactional: the failure makes the transaction abortable; its abort bumps the epoch
+            # and restarts every sequence at 0 (the producer id belongs to the coordinator)
+            return
         self._new_producer_id()
         for o in later:
             if o.ref is not None:
@@ -838,6 +1240,23 @@ class Producer:
                 pos += n
             b.pieces = []
             b.batch = None
+
+    def _fail_unsent(self) -> None:
+        """(sender thread) Fail every record not sent yet: after a fatal error, or on abort."""
+        with self._lock:
+            exc, self._drop_unsent = self._drop_unsent, None
+            if exc is None:
+                return
+            snaps = [tb.swap() for tb in self._buffers.values() if tb.state is not None]
+            pieces: list[_Piece] = []
+            for acc in self._accs.values():
+                pieces.extend(acc.pending)
+                acc.pending.clear()
+                acc.pending_bytes = 0
+        for snap in snaps:
+            snap[5].fail(exc)
+        for piece in pieces:
+            piece.state.piece_failed(piece.rows, exc)
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._lock:
