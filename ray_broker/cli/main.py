@@ -357,6 +357,44 @@ def cmd_topics_delete(args) -> int:
         cluster.shutdown()
 
 
+def _txn_row(d) -> list:
+    return [d.transactional_id, d.state, d.producer_id, d.producer_epoch, d.txn_timeout_ms,
+            _fmt_list(f"{t}-{p}" for t, p in d.partitions) or "-"]
+
+
+def cmd_transactions_list(args) -> int:
+    cluster = _connect(args)
+    try:
+        txns = cluster.admin().list_transactions()
+        if args.json:
+            print(json.dumps([d.__dict__ for d in txns], default=str, indent=2))
+        else:
+            _print_table([_txn_row(d) for d in txns], ["TRANSACTIONAL-ID", "STATE", "PRODUCER-ID", "EPOCH", "TIMEOUT-MS", "PARTITIONS"])
+        return 0
+    finally:
+        cluster.shutdown()
+
+
+def cmd_transactions_describe(args) -> int:
+    cluster = _connect(args)
+    try:
+        d = cluster.admin().describe_transaction(args.transactional_id)
+        print(json.dumps(d.__dict__, default=str, indent=2))
+        return 0
+    finally:
+        cluster.shutdown()
+
+
+def cmd_transactions_abort(args) -> int:
+    cluster = _connect(args)
+    try:
+        cluster.admin().abort_transaction(args.transactional_id)
+        print(f"aborted transaction {args.transactional_id!r} (its producer is fenced)")
+        return 0
+    finally:
+        cluster.shutdown()
+
+
 def _to_bytes(v: Any, what: str, lineno: int) -> bytes | None:
     if v is None:
         return None
@@ -572,6 +610,28 @@ def cmd_consume(args) -> int:
         cluster.shutdown()
 
 
+def cmd_verify(args) -> int:
+    """Jepsen-style run: workloads + nemesis, final read, history check (exit 1 on any anomaly)."""
+    from ..verification.runner import run_verify
+
+    address = _explicit_address(args)
+    if address is None and args.attach:
+        address, state = _resolve_address(args)
+        if address is None:
+            raise CliError("--attach: no Ray cluster to attach to", "BROKER_NOT_FOUND")
+        _ray_init(address, getattr(args, "namespace", "ray_broker"), local=state is not None)
+    elif address is not None:
+        _ray_init(address, getattr(args, "namespace", "ray_broker"), local=False)
+    try:
+        out = run_verify(workload=args.workload, seconds=args.seconds, seed=args.seed, report_path=args.report,
+                         faults=args.faults, data_dir=getattr(args, "data_dir", None), address=address,
+                         namespace=getattr(args, "namespace", "ray_broker"), fault_interval=args.fault_interval,
+                         producers=args.producers, history_path=args.history)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return 0 if out["valid"] else 1
+
+
 # ------------------------------------------------------------------------------------------ parser
 def _common_parser(with_config: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -660,6 +720,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.set_defaults(func=cmd_topics_delete)
 
+    x = sub.add_parser("transactions", parents=[common], help="list, describe, abort transactions",
+                       description="Transaction tooling (like kafka-transactions.sh, KIP-664).")
+    xsub = x.add_subparsers(dest="transactions_command", metavar="SUBCOMMAND")
+    xsub.required = True
+    c = xsub.add_parser("list", parents=[common], help="list transactional ids and their state",
+                        description="Every transactional id the coordinators know, with state and partitions.")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_transactions_list)
+    c = xsub.add_parser("describe", parents=[common], help="describe one transaction",
+                        description="State, partitions, start time, producer id/epoch and timeout of one id.")
+    c.add_argument("transactional_id")
+    c.set_defaults(func=cmd_transactions_describe)
+    c = xsub.add_parser("abort", parents=[common], help="abort a hanging transaction",
+                        description="Abort the open transaction of a transactional id (for operators); "
+                                    "its producer is fenced.")
+    c.add_argument("transactional_id")
+    c.set_defaults(func=cmd_transactions_abort)
+
     s = sub.add_parser("produce", parents=[common], help="produce lines from stdin (acks=all)",
                        description="Read records from stdin, one per line, and produce them with acks=all. Each "
                                    "line is a value; with --key-separator SEP, `key SEP value`; with --json, an "
@@ -698,6 +776,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--property", action="append", metavar="KEY=VALUE",
                    help="kafka-console-consumer style: print.key=true, key.separator=SEP")
     s.set_defaults(func=cmd_consume)
+
+    s = sub.add_parser("verify", parents=[common], help="Jepsen-style verification run (workloads + faults + checker)",
+                       description="Run verification workloads (queue: idempotent producers; txn: transactional "
+                                   "producers; all: both) with read_committed / read_uncommitted consumers while a "
+                                   "nemesis injects faults, then read every partition back and check the history "
+                                   "for lost writes, duplicates, aborted / dirty reads, skips, inconsistent offsets "
+                                   "and torn transactions. Without --address / RAY_ADDRESS it runs on its own "
+                                   "embedded Ray + broker (data in --data-dir, default a temp dir). Prints the "
+                                   "anomaly table; exit status 1 on any anomaly. See docs/verification.md.")
+    s.add_argument("--workload", default="all", help="queue, txn or all (comma-separated list allowed)")
+    s.add_argument("--seconds", type=float, default=60.0, help="how long the workloads run (default 60)")
+    s.add_argument("--seed", type=int, default=0, help="seed for the workloads and the fault schedule")
+    s.add_argument("--report", default=None, metavar="FILE.json",
+                   help="write the report here (the history goes to FILE.json.history.jsonl)")
+    s.add_argument("--history", default=None, metavar="FILE.jsonl", help="write the history here instead")
+    s.add_argument("--faults", default=None,
+                   help="comma-separated fault kinds: kill_leader, kill_follower, kill_txn_coordinator, "
+                        "kill_group_coordinator, kill_controller, kill_client, pause, restart_cluster; 'all'; "
+                        "'none' (default: all but kill_group_coordinator)")
+    s.add_argument("--fault-interval", type=float, default=5.0, help="mean seconds between faults (default 5)")
+    s.add_argument("--producers", type=int, default=3, help="producers per workload (default 3)")
+    s.add_argument("--attach", action="store_true",
+                   help="run against the broker of the local head made by `ray-broker start` (no restart_cluster)")
+    s.set_defaults(func=cmd_verify)
     return p
 
 

@@ -165,7 +165,7 @@ def test_killed_producer_is_aborted_after_its_timeout(broker, topic_name):
         print("SENT", flush=True)
         os._exit(9)                               # dies mid-transaction
     """)
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert "SENT" in proc.stdout, proc.stderr[-3000:]
     assert max(p.high_watermark for p in admin.describe_topic(topic_name).partitions) > 0
@@ -231,3 +231,27 @@ def test_partition_leader_killed_during_commit(broker, topic_name):
     wait_for(lambda: leader_of(admin, topic_name, 0) not in (None, old), timeout=30, what="new leader")
     wait_stable(admin, topic_name)
     assert sorted(committed_values(broker, topic_name, 2)) == sorted(b"v%d" % i for i in range(200))
+
+
+def test_admin_and_cli_show_and_abort_a_hanging_transaction(broker, topic_name):
+    admin = broker.admin()
+    admin.create_topic(topic_name)
+    tid = f"{topic_name}-tx"
+    producer = broker.producer(transactional_id=tid)
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"hanging")
+    producer.flush()
+    assert admin.describe_transaction(tid).state == "ONGOING"
+    assert tid in [d.transactional_id for d in admin.list_transactions()]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    out = subprocess.run([sys.executable, "-m", "ray_broker.cli.main", "transactions", "list"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0 and tid in out.stdout and "ONGOING" in out.stdout, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "ray_broker.cli.main", "transactions", "abort", tid],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wait_stable(admin, topic_name)           # the LSO no longer hangs on the open transaction
+    assert committed_values(broker, topic_name, 1) == []
+    with pytest.raises((rb.ProducerFencedError, rb.InvalidProducerEpochError)):
+        producer.commit_transaction()
