@@ -174,7 +174,6 @@ class ControllerActor:
             except ValueError:
                 TxnCoordinator.options(**txn_coordinator_options(name, self.namespace)).remote(
                     i, self.namespace, self.config.to_dict())
-        from ..protocol import group_coordinator_name
         from .group_coordinator_actor import GroupCoordinator, group_coordinator_options
 
         for i in range(self.config.group_coordinators):
@@ -286,32 +285,14 @@ class ControllerActor:
         changed = False
         for t in self.state.topics.values():
             for pi, p in enumerate(t.partitions):
-                alive = {r: reports[(t.name, pi, r)] for r in p.replicas if (t.name, pi, r) in reports}
+                alive = {r for r in p.replicas if (t.name, pi, r) in reports}
                 for r in alive:
                     self.seen_alive.add((t.name, pi, r))
-                usable = {r for r, rep in alive.items() if rep["eligible"]}
-                if p.leader is not None and p.leader not in alive and self._starting((t.name, pi, p.leader)):
-                    continue            # leader still starting: no election yet
-                leader_key = (t.name, pi, p.leader) if p.leader is not None else None
-                if leader_key and p.leader in alive:
-                    old_inc = self.incarnations.get(leader_key)
-                    if old_inc is not None and old_inc != alive[p.leader]["incarnation"]:
-                        # The leader process restarted: its in-memory state is gone. Prefer another
-                        # in-sync replica; if none exists, it leads again at a new epoch.
-                        others = usable - {p.leader}
-                        if any(r in p.isr for r in others):
-                            changed |= self.state.elect_leader(t.name, pi, others)
-                        else:
-                            self.state.bump_leader_epoch(t.name, pi)
-                            changed = True
-                changed |= self.state.elect_leader(t.name, pi, usable)
-                for r in list(p.isr):
-                    key = (t.name, pi, r)
-                    if r == p.leader or r in alive:
-                        continue
-                    if self._starting(key):
-                        continue
-                    changed |= self.state.remove_from_isr(t.name, pi, r)
+                usable = {r for r in alive if reports[(t.name, pi, r)]["eligible"]}
+                starting = {r for r in p.replicas if r not in alive and self._starting((t.name, pi, r))}
+                restarted = {r for r in alive
+                             if self.incarnations.get((t.name, pi, r)) not in (None, reports[(t.name, pi, r)]["incarnation"])}
+                changed |= self.state.reconcile_partition(t.name, pi, alive, usable, starting, restarted)
         if changed:
             self._persist()
         for key, rep in reports.items():

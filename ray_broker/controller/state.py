@@ -152,6 +152,36 @@ class ClusterState:
             p.isr = sorted(r for r in p.isr if r in usable or r == new_leader)
         return True
 
+    def reconcile_partition(self, name: str, partition: int, alive: set[int], usable: set[int],
+                            starting: set[int], restarted: set[int]) -> bool:
+        """Decide one partition from what the controller saw this round. Returns True on a change.
+
+        alive: replicas that answered; usable: alive and holding their log; starting: not answering
+        but created recently (no verdict yet); restarted: alive with a new process since last round.
+        """
+        p = self.partition(name, partition)
+        if p.leader is not None and p.leader not in alive and p.leader in starting:
+            return False                       # the leader is still starting: no election yet
+        changed = False
+        if p.leader is not None and p.leader in restarted:
+            # The leader process restarted and lost its in-memory state: prefer another in-sync
+            # replica; if there is none it leads again, at a new epoch.
+            others = usable - {p.leader}
+            if any(r in p.isr for r in others):
+                changed |= self.elect_leader(name, partition, others)
+            else:
+                self.bump_leader_epoch(name, partition)
+                changed = True
+        changed |= self.elect_leader(name, partition, usable)
+        if p.leader is None or p.leader not in alive:
+            # Offline: keep the ISR as it is. Shrinking it now could empty it, and a partition with
+            # an empty ISR could never elect a leader again.
+            return changed
+        for r in list(p.isr):
+            if r != p.leader and r not in alive and r not in starting:
+                changed |= self.remove_from_isr(name, partition, r)
+        return changed
+
     def bump_leader_epoch(self, name: str, partition: int) -> None:
         self.partition(name, partition).leader_epoch += 1
 

@@ -73,3 +73,35 @@ def test_json_round_trip_and_producer_ids_never_reused():
     s2 = ClusterState.from_json(s.to_json())
     assert s2.allocate_producer_ids(1) == first + 10
     assert s2.topic("t").partitions[1].placement == s.topic("t").partitions[1].placement
+
+
+def test_offline_partition_keeps_its_isr_for_a_later_election():
+    s = make()
+    p = s.topic("t").partitions[0]
+    assert s.elect_leader("t", 0, set())                 # every replica down (e.g. still starting)
+    assert p.leader is None and p.isr == [0, 1, 2]
+    assert s.elect_leader("t", 0, {2})                    # one comes back: it can lead again
+    assert p.leader == 2
+
+
+def test_reconcile_never_empties_the_isr_while_replicas_start_slowly():
+    # the verification suite's finding: replicas slower to start than the grace period left the
+    # partition with leader None and an empty ISR, forever
+    s = make()
+    for _ in range(3):
+        s.reconcile_partition("t", 0, alive=set(), usable=set(), starting=set(), restarted=set())
+    p = s.topic("t").partitions[0]
+    assert p.leader is None and p.isr == [0, 1, 2]
+    assert s.reconcile_partition("t", 0, alive={1}, usable={1}, starting=set(), restarted=set())
+    assert p.leader == 1
+
+
+def test_reconcile_removes_dead_followers_and_reelects_after_leader_restart():
+    s = make()
+    p = s.topic("t").partitions[0]
+    assert not s.reconcile_partition("t", 0, {0, 1, 2}, {0, 1, 2}, set(), set())
+    assert s.reconcile_partition("t", 0, {0, 1}, {0, 1}, set(), set()) and p.isr == [0, 1]
+    epoch = p.leader_epoch
+    assert s.reconcile_partition("t", 0, {0, 1}, {0, 1}, set(), restarted={0})
+    assert p.leader == 1 and p.leader_epoch == epoch + 1
+    assert p.isr == [1]           # the restarted replica rejoins once the new leader sees it caught up
