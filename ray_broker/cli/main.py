@@ -793,8 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--history", default=None, metavar="FILE.jsonl", help="write the history here instead")
     s.add_argument("--faults", default=None,
                    help="comma-separated fault kinds: kill_leader, kill_follower, kill_txn_coordinator, "
-                        "kill_group_coordinator, kill_controller, kill_client, pause, restart_cluster; 'all'; "
-                        "'none' (default: all but kill_group_coordinator)")
+                        "kill_group_coordinator, kill_controller, kill_client, pause, restart_broker, "
+                        "restart_cluster; 'all'; 'none' (default: kill_leader, kill_follower, "
+                        "kill_txn_coordinator, kill_controller, kill_client, pause)")
     s.add_argument("--fault-interval", type=float, default=5.0, help="mean seconds between faults (default 5)")
     s.add_argument("--producers", type=int, default=3, help="producers per workload (default 3)")
     s.add_argument("--attach", action="store_true",

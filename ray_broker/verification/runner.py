@@ -1,0 +1,173 @@
+"""Run a verification: set up topics, run workloads + nemesis for N seconds, final-read, check.
+
+`run_verify(...)` is what `ray-broker verify` and `jobs/verify_job.py` call. It returns the report
+dict (also written to `report_path`, with the history next to it as `<report>.history.jsonl`);
+`report["valid"]` is False when the checker found any anomaly.
+
+Embedded (no address, Ray not initialised): starts a local Ray + broker on `data_dir` (a fresh temp
+dir by default); `restart_cluster` is available. Attached (address / RAY_ADDRESS / Ray already
+initialised): uses the broker deployed there; topics get a run-id suffix so reruns do not collide.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from .checker import check
+from .history import History
+from .nemesis import DEFAULT_FAULTS, FAULT_KINDS, Nemesis
+from .workloads import WORKLOADS, final_read, make_workers, RunContext, setup_topics
+
+log = logging.getLogger(__name__)
+
+# faster failure detection than the defaults, as in the integration tests
+VERIFY_BROKER_CONFIG = {"replica.health.check.interval.ms": 100, "replica.lag.time.max.ms": 5000}
+
+
+def parse_workloads(spec: str) -> list[str]:
+    items = [w.strip() for w in spec.split(",") if w.strip()]
+    out: list[str] = []
+    for w in items:
+        if w == "all":
+            out.extend(WORKLOADS)
+        elif w == "copier":
+            raise ValueError("the copier workload needs consumer groups (subscribe / group_metadata), which the "
+                             "consumer does not have yet; see docs/verification.md")
+        elif w in WORKLOADS:
+            out.append(w)
+        else:
+            raise ValueError(f"unknown workload {w!r} (known: {', '.join(WORKLOADS)}, all)")
+    return list(dict.fromkeys(out))
+
+
+def parse_faults(spec: str | None, embedded: bool, workloads: list[str]) -> list[str]:
+    if spec is None:
+        kinds = list(DEFAULT_FAULTS)
+    elif spec.strip() in ("", "none"):
+        kinds = []
+    elif spec.strip() == "all":
+        kinds = [k for k in FAULT_KINDS if embedded or k != "restart_cluster"]
+    else:
+        kinds = [k.strip() for k in spec.split(",") if k.strip()]
+        bad = [k for k in kinds if k not in FAULT_KINDS]
+        if bad:
+            raise ValueError(f"unknown fault kind(s) {bad} (known: {', '.join(FAULT_KINDS)})")
+    if "txn" not in workloads:
+        kinds = [k for k in kinds if k not in ("kill_client",)]
+    return kinds
+
+
+def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, report_path: str | None = None,
+               faults: str | None = None, data_dir: str | None = None, address: str | None = None,
+               namespace: str = "ray_broker", fault_interval: float = 5.0, producers: int = 3,
+               history_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    import ray
+
+    import ray_broker as rb
+
+    workloads = parse_workloads(workload)
+    address = address or os.environ.get("RAY_ADDRESS")
+    embedded = not (address or ray.is_initialized())
+    kinds = parse_faults(faults, embedded, workloads)
+    made_tmp = None
+    if embedded and data_dir is None:
+        data_dir = made_tmp = tempfile.mkdtemp(prefix="rb_verify_")
+    run_id = uuid.uuid4().hex[:6]
+    started = time.time()
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[verify {time.time() - started:6.1f}s] {msg}", flush=True)
+
+    if embedded:
+        def connect():
+            return rb.connect(namespace=namespace, data_dir=data_dir, config=VERIFY_BROKER_CONFIG)
+    else:
+        def connect():
+            return rb.connect(address=address, namespace=namespace)
+    say(f"connecting ({'embedded, data dir ' + data_dir if embedded else 'attached to ' + str(address or 'ray')})")
+    cluster = connect()
+    history = History()
+    ctx = RunContext(cluster, history, seed, run_id, connect=connect if embedded else None)
+    settings = {"workload": workload, "workloads": workloads, "seconds": seconds, "seed": seed,
+                "faults_requested": kinds, "fault_interval_s": fault_interval, "producers_per_workload": producers,
+                "embedded": embedded, "data_dir": data_dir, "namespace": namespace, "run_id": run_id,
+                "topics": "2 per workload x 3 partitions, RF 3, min.insync.replicas 2",
+                "broker_config": VERIFY_BROKER_CONFIG if embedded else "as deployed"}
+    nemesis = None
+    workers = []
+    try:
+        setup_topics(ctx, workloads)
+        say(f"topics: {ctx.topics}")
+        workers = make_workers(ctx, workloads, producers=producers)
+        for w in workers:
+            w.start()
+        nemesis = Nemesis(ctx, kinds, seed=seed + 1, interval=fault_interval, namespace=namespace,
+                          embedded=embedded)
+        nemesis.start()
+        say(f"running {', '.join(workloads)} for {seconds:g}s with faults {kinds or 'none'}")
+        deadline = time.monotonic() + seconds
+        next_status = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= next_status:
+                next_status += 15
+                say(f"{len(history)} events, faults {dict(nemesis.injected)}")
+        say("stopping nemesis")
+        nemesis.stop()
+        say("stopping clients")
+        ctx.stop.set()
+        for w in workers:
+            w.join(timeout=90)
+        say("final read")
+        fr = final_read(ctx)
+        say(f"final read: {fr['partitions']} partition reads, stable={fr['stable']}, failed={len(fr['failed'])}")
+    except BaseException:
+        ctx.stop.set()
+        if nemesis is not None:
+            nemesis.stop_event.set()
+            nemesis.heal_all()
+        try:
+            ctx.cluster.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    finally:
+        ctx.stop.set()
+        if nemesis is not None:
+            nemesis.stop_event.set()
+            nemesis.heal_all()
+        hist_file = history_path or (report_path + ".history.jsonl" if report_path else None)
+        if hist_file:
+            history.save(hist_file)
+
+    report = check(history)
+    out = report.to_dict()
+    out["settings"] = settings
+    out["elapsed_s"] = round(time.time() - started, 1)
+    out["faults_skipped"] = dict(nemesis.skipped) if nemesis else {}
+    out["nemesis_errors"] = nemesis.errors[:20] if nemesis else []
+    out["final_read"] = fr
+    out["workers"] = {w.wid: {"ops": w.ops, "errors": w.errors, "last_error": w.last_error} for w in workers}
+    out["history"] = hist_file
+    if report_path:
+        with open(report_path, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    if not quiet:
+        print(report.format_table(), flush=True)
+        if report_path:
+            print(f"report: {report_path}\nhistory: {hist_file}", flush=True)
+    try:
+        ctx.cluster.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    if made_tmp and out["valid"]:
+        import shutil
+
+        shutil.rmtree(made_tmp, ignore_errors=True)
+    return out
