@@ -198,6 +198,36 @@ class Admin:
         """Abort a hanging transaction (its producer is fenced); for operators."""
         ray.get(self._txn_coordinator_for(transactional_id).abort_transaction.remote(transactional_id), timeout=60)
 
+    # ---- consumer groups --------------------------------------------------------------------
+    def _group_coordinators(self) -> list:
+        from .protocol import group_coordinator_name
+
+        n = self._call("cluster_info")["group_coordinators"]
+        return [ray.get_actor(group_coordinator_name(i), namespace=self._cluster.namespace) for i in range(n)]
+
+    def _group_coordinator(self, group_id: str):
+        from .client.partitioner import murmur2, to_positive
+
+        coordinators = self._group_coordinators()
+        return coordinators[to_positive(murmur2(group_id.encode())) % len(coordinators)]
+
+    def list_groups(self) -> list:
+        out = []
+        for c in self._group_coordinators():
+            out.extend(ray.get(c.list_groups.remote(), timeout=60))
+        return sorted(out, key=lambda g: getattr(g, "group_id", g))
+
+    def describe_group(self, group_id: str):
+        """Members, assignment, committed offsets and lag per partition (against the last stable offset)."""
+        return ray.get(self._group_coordinator(group_id).describe_group.remote(group_id), timeout=60)
+
+    def reset_offsets(self, group_id: str, offsets) -> None:
+        """Set committed offsets ({TopicPartition: offset}); refused while the group has live members."""
+        ray.get(self._group_coordinator(group_id).reset_offsets.remote(group_id, dict(offsets)), timeout=60)
+
+    def delete_group(self, group_id: str) -> None:
+        ray.get(self._group_coordinator(group_id).delete_group.remote(group_id), timeout=60)
+
     def alter_topic_schema(self, name: str, schema) -> None:
         """Evolve a schema'd topic: only new nullable columns may be added."""
         self._call("alter_topic_schema", name, schema_to_bytes(schema))

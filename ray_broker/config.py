@@ -245,6 +245,9 @@ class ConsumerConfig(_Config):
     heartbeat_interval_ms: int = _opt(3_000, "group heartbeat interval", _positive)
     max_poll_interval_ms: int = _opt(300_000, "member leaves the group if poll() is not called for this long",
                                      _positive)
+    partition_assignment_strategy: str = _opt(
+        "range", "assignor for subscribe(): range, roundrobin or cooperative-sticky",
+        lambda v: v in ("range", "roundrobin", "cooperative-sticky"), kafka_default="range,cooperative-sticky")
     enable_auto_commit: bool = _opt(False, "commit positions periodically (at-least-once)",
                                     kafka_default="true")
     auto_commit_interval_ms: int = _opt(5_000, "auto-commit period", _positive)

@@ -275,7 +275,7 @@ class PartitionReplicaActor:
         info = self.log.append(batch, leader_epoch=epoch, producer_id=producer_id, producer_epoch=producer_epoch,
                                base_sequence=base_sequence, is_transactional=is_transactional)
         self.producers.on_append(producer_id, producer_epoch, base_sequence, batch.num_rows, info.base_offset,
-                                 info.header.max_timestamp, is_transactional)
+                                 _now_ms(), is_transactional)
         failpoints.hit("replica.after_append")
         if state.maybe_advance_high_watermark(self.log.log_end_offset):
             self._on_high_watermark(state.high_watermark)
@@ -322,7 +322,7 @@ class PartitionReplicaActor:
                                    producer_id=producer_id, producer_epoch=producer_epoch, is_transactional=True,
                                    is_control=True)
             self.producers.on_marker(producer_id, producer_epoch, commit, coordinator_epoch, info.base_offset,
-                                     info.header.max_timestamp)
+                                     _now_ms())
             offsets.append(info.base_offset)
             last = info.last_offset
         state = self.leader_state

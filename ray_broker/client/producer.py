@@ -68,7 +68,7 @@ from ..errors import (InvalidProducerEpochError, ProducerFencedError, UnknownPro
                       OutOfOrderSequenceError, RecordTooLargeError, UnknownOutcomeError,
                       UnknownTopicOrPartitionError, CoordinatorNotAvailableError, InvalidTxnStateError,
                       InvalidTransactionTimeoutError, NotCoordinatorError, TransactionAbortableError)
-from ..protocol import (NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata, group_coordinator_name,
+from ..protocol import (OFFSETS_TOPIC, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata, group_coordinator_name,
                         txn_coordinator_name)
 from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, TopicPartition, schema_from_bytes, stored_schema
 from .batching import compute_partitions, normalize_batch, now_ms, plan_batch
@@ -645,7 +645,9 @@ class Producer:
                 pid, epoch = self.idempotence.producer_id, self.idempotence.producer_epoch
             deadline = self._txn_deadline(timeout)
             try:
-                self._coordinator_call("add_offsets", (self.transactional_id, pid, epoch, group_id), deadline,
+                index = self._group_coordinator_index(group_id)
+                self._coordinator_call("add_offsets", (self.transactional_id, pid, epoch, group_id,
+                                                       (OFFSETS_TOPIC, index)), deadline,
                                        "send_offsets_to_transaction()")
                 self._commit_txn_offsets(norm, group_metadata, group_id=group_id, generation=generation,
                                          member_id=member_id, deadline=deadline)
@@ -656,26 +658,35 @@ class Producer:
                     txn.abortable(err)
                 raise
 
+    def _group_coordinator_index(self, group_id: str) -> int:
+        info = ray.get(self.context.controller().cluster_info.remote(), timeout=self._request_timeout)
+        return to_positive(murmur2(group_id.encode("utf-8"))) % int(info.get("group_coordinators", 1))
+
     def _commit_txn_offsets(self, offsets: dict[TopicPartition, int], group_metadata: Any, *, group_id: str,
                             generation: int, member_id: str | None, deadline: float) -> None:
-        """Hand the transaction's offsets to the group coordinator (TxnOffsetCommit, pending until
-        the transaction's marker). The group side lands with consumer groups: until a
-        `group-coordinator/<n>` actor with a `txn_offset_commit` method exists this does nothing
-        beyond the `add_offsets` already done."""
-        try:
-            info = ray.get(self.context.controller().cluster_info.remote(), timeout=self._request_timeout)
-            count = int(info.get("group_coordinators", 1))
-            name = group_coordinator_name(to_positive(murmur2(group_id.encode("utf-8"))) % count)
-            handle = ray.get_actor(name, namespace=self.context.namespace)
-            method = getattr(handle, "txn_offset_commit")
-        except (ValueError, AttributeError):
-            return
+        """Hand the transaction's offsets to the group coordinator (TxnOffsetCommit): they stay
+        pending until the transaction's marker, then become visible (commit) or vanish (abort).
+        Fenced by group generation and member id (KIP-447). Retried until the deadline."""
+        name = group_coordinator_name(self._group_coordinator_index(group_id))
         pid, epoch = self.idempotence.producer_id, self.idempotence.producer_epoch
-        remaining = max(0.001, deadline - time.monotonic())
-        try:
-            ray.get(method.remote(group_id, pid, epoch, generation, member_id, dict(offsets)), timeout=remaining)
-        except Exception as exc:  # noqa: BLE001 - reported as the Broker error inside
-            raise unwrap_error(exc) from None
+        backoff = self._backoff or 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                handle = ray.get_actor(name, namespace=self.context.namespace)
+                ray.get(handle.txn_offset_commit.remote(self.transactional_id, pid, epoch, group_id, generation,
+                                                        member_id, dict(offsets)), timeout=max(0.001, remaining))
+                return
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                err = unwrap_error(exc)
+                retriable = isinstance(err, (ValueError, RayActorError, GetTimeoutError)) or (
+                    isinstance(err, BrokerError) and err.retriable)
+                if not retriable or time.monotonic() + backoff >= deadline:
+                    if isinstance(err, BrokerError):
+                        raise err from None
+                    raise BrokerTimeoutError(f"committing offsets to {name} failed: {err}") from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
 
     @contextlib.contextmanager
     def transaction(self, timeout: float | None = None) -> Iterator["Producer"]:

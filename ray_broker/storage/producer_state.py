@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time as _time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -153,22 +154,25 @@ class ProducerStateManager:
         if is_transactional and e.current_txn_first_offset < 0:
             e.current_txn_first_offset = first_offset
 
-    def on_headers(self, headers: Iterable, markers: Iterable | None = None) -> None:
+    def on_headers(self, headers: Iterable, markers: Iterable | None = None, now_ms: int | None = None) -> None:
         """Replay batch headers (from replication or the log) into the state.
 
         `markers` yields (header, decoded control batch) for the control frames among `headers`,
         in the same order (their payload says commit or abort).
         """
         marker_iter = iter(markers) if markers is not None else iter(())
+        # Expiry counts from when this replica last saw the producer, not from record timestamps
+        # (those are the producer's to choose and may lie far in the past).
+        stamp = int(_time.time() * 1000) if now_ms is None else now_ms
         for h in headers:
             if h.is_control:
                 mh, batch = next(marker_iter)
                 commit, coordinator_epoch = parse_marker(batch)
                 self.on_marker(h.producer_id, h.producer_epoch, commit, coordinator_epoch, h.base_offset,
-                               h.max_timestamp)
+                               stamp)
             elif h.producer_id >= 0:
                 self.on_append(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count, h.base_offset,
-                               h.max_timestamp, h.is_transactional)
+                               stamp, h.is_transactional)
 
     # ---- transactions --------------------------------------------------------------------------
     def check_marker(self, producer_id: int, producer_epoch: int, coordinator_epoch: int) -> bool:
