@@ -532,6 +532,7 @@ def test_producer_invalid_transaction_timeout_is_fatal(make_producer):
 
 def test_producer_send_offsets(make_producer):
     p, coord, _ = _ready(make_producer)
+    p._group_coordinator_index = lambda group_id: 0        # no controller in this test
     with pytest.raises(InvalidTxnStateError):
         p.send_offsets_to_transaction({TopicPartition("in", 0): 5}, "grp")
     p.begin_transaction()
@@ -543,7 +544,7 @@ def test_producer_send_offsets(make_producer):
     p._commit_txn_offsets = lambda offsets, gm, **kw: hooked.append((offsets, gm, kw["group_id"]))
     p.send_offsets_to_transaction({TopicPartition("in", 0): 5}, {"group_id": "grp", "generation_id": 3,
                                                                   "member_id": "m-1"})
-    assert coord.calls[-1] == ("add_offsets", ("tx-1", 1000, 0, "grp"))
+    assert coord.calls[-1] == ("add_offsets", ("tx-1", 1000, 0, "grp", ("__consumer_offsets", 0)))
     assert hooked[0][0] == {TopicPartition("in", 0): 5} and hooked[0][2] == "grp"
     p.commit_transaction()                          # offsets make the transaction non-empty
     assert coord.calls[-1] == ("end_txn", ("tx-1", 1000, 0, True))
@@ -551,6 +552,7 @@ def test_producer_send_offsets(make_producer):
 
 def test_producer_send_offsets_error_is_abortable(make_producer):
     p, coord, _ = _ready(make_producer)
+    p._group_coordinator_index = lambda group_id: 0
     p.begin_transaction()
     coord.script["add_offsets"] = [InvalidRequestError("bad group")]
     with pytest.raises(InvalidRequestError):
