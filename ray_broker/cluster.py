@@ -10,7 +10,7 @@ import ray
 
 from .config import BrokerConfig, ConsumerConfig, ProducerConfig, load_config_file
 from .errors import BrokerNotFoundError, BrokerTimeoutError, InvalidConfigError
-from .protocol import NAMESPACE, TopicDescription
+from .protocol import CONTROLLER_NAME, NAMESPACE, TopicDescription
 from .records import schema_to_bytes
 
 DEFAULT_DATA_DIR = "./ray_broker_data"
@@ -49,13 +49,27 @@ class Cluster:
         from .client.metadata_cache import ClientContext
 
         self.namespace = namespace
-        self.controller = controller
+        self._controller = controller
         self.data_dir = data_dir
         self._started_ray = started_ray
         self._context = ClientContext(namespace)
         self._clients: list = []
         self._lock = threading.Lock()
         self._closed = False
+
+    @property
+    def controller(self):
+        """The controller's handle, looked up by name each time: a controller killed with
+        `ray.kill` is recreated under the same name, and an old handle would stay dead."""
+        try:
+            self._controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+        except ValueError:
+            self._controller = find_controller(self.namespace)
+        return self._controller
+
+    @controller.setter
+    def controller(self, handle) -> None:
+        self._controller = handle
 
     def admin(self) -> "Admin":
         return Admin(self)
@@ -127,18 +141,16 @@ class Admin:
 
     def __init__(self, cluster: Cluster):
         self._cluster = cluster
-        self._controller = cluster.controller
 
     def _call(self, method, *args, timeout: float = 120.0, **kw):
         try:
-            return ray.get(getattr(self._controller, method).remote(*args, **kw), timeout=timeout)
+            return ray.get(getattr(self._cluster.controller, method).remote(*args, **kw), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise BrokerTimeoutError(f"admin {method} did not answer within {timeout} s") from None
         except ray.exceptions.RayActorError:
             # the controller restarted mid-call; calls are idempotent or fail cleanly, so retry once
             time.sleep(1.0)
-            self._controller = find_controller(self._cluster.namespace)
-            return ray.get(getattr(self._controller, method).remote(*args, **kw), timeout=timeout)
+            return ray.get(getattr(self._cluster.controller, method).remote(*args, **kw), timeout=timeout)
 
     def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
                      config: Mapping[str, Any] | None = None, schema=None) -> TopicDescription:
