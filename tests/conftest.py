@@ -39,6 +39,18 @@ _names = itertools.count()
 
 @pytest.fixture
 def topic_name(request):
-    """A fresh topic name per test (the session's broker is shared)."""
+    """A fresh topic name per test (the session's broker is shared). Topics the test created under
+    this name are deleted afterwards: every replica is a process, and a session that keeps them all
+    grows into hundreds of actors the controller keeps pinging."""
     base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[:60]
-    return f"{base}-{next(_names)}"
+    name = f"{base}-{next(_names)}"
+    yield name
+    if "broker" not in request.fixturenames:
+        return
+    admin = request.getfixturevalue("broker").admin()
+    try:
+        for topic in admin.list_topics():
+            if topic == name or topic.startswith(name + "-") or topic.startswith(name + "."):
+                admin.delete_topic(topic)
+    except Exception:  # noqa: BLE001 - cleanup is best effort; a test that broke the broker reports itself
+        pass

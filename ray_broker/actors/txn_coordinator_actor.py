@@ -153,7 +153,9 @@ class TxnCoordinatorActor:
         records = await writer.read_all()
 
         def allocate(count: int) -> int:
-            return ray.get(controller.allocate_producer_ids.remote(count))
+            # by name at each use: a controller recreated since the load is a different actor
+            return ray.get(ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+                           .allocate_producer_ids.remote(count))
 
         shard = TxnCoordinatorShard.load(records, epoch, self.config.transaction_max_timeout_ms, allocate)
         self.writer, self.coordinator_epoch, self.shard = writer, epoch, shard
@@ -213,7 +215,6 @@ class TxnCoordinatorActor:
     async def _write_markers(self, plan: MarkerPlan) -> None:
         """Write the plan's marker to every partition (retrying forever), then log completion."""
         epoch = plan.coordinator_epoch
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
         marker = [(plan.producer_id, plan.producer_epoch, plan.commit, plan.coordinator_epoch)]
 
         async def one(topic: str, partition: int, first: bool) -> None:
@@ -225,6 +226,7 @@ class TxnCoordinatorActor:
                         gc = ray.get_actor(group_coordinator_name(partition), namespace=self.namespace)
                         await gc.write_txn_marker.remote(*marker[0])
                         return
+                    controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
                     meta = (await controller.get_metadata.remote([topic]))[topic]
                     leader = meta.partitions[partition].leader
                     if leader is not None:

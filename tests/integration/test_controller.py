@@ -22,6 +22,14 @@ def test_killed_controller_is_recreated_from_its_metadata(broker, topic_name):
         producer.send(topic_name, value=b"x%d" % i, partition=i % 2)
     producer.flush(30)
     epoch = ray.get(_controller().controller_epoch.remote())
+    # coordinators loaded against this controller (a fresh coordinator asks it for producer ids lazily)
+    def coordinators_loaded():
+        try:
+            return ray.get([c.ping.remote() for c in admin._txn_coordinators()], timeout=30)
+        except Exception:  # noqa: BLE001 - not created yet
+            return False
+
+    wait_for(coordinators_loaded, timeout=60, what="transaction coordinators loaded")
     ray.kill(_controller())          # plain kill: Ray does not restart it; the broker recreates it
 
     def new_epoch():
@@ -39,6 +47,14 @@ def test_killed_controller_is_recreated_from_its_metadata(broker, topic_name):
     producer.flush(60)
     wait_for(lambda: sum(p.high_watermark for p in admin.describe_topic(topic_name).partitions) == 200,
              timeout=30, what="all 200 records committed")
+    # coordinators reach the new controller (producer-id blocks, metadata for markers), not the dead one
+    txn = broker.producer(transactional_id=f"{topic_name}-tx")
+    txn.init_transactions()
+    txn.begin_transaction()
+    txn.send(topic_name, value=b"txn", partition=0)
+    txn.commit_transaction()
+    wait_for(lambda: admin.describe_transaction(f"{topic_name}-tx").state == "COMPLETE_COMMIT", timeout=30,
+             what="markers written through the new controller's metadata")
 
 
 def test_stale_controller_epoch_is_refused(broker, topic_name):

@@ -18,15 +18,29 @@ SCRIPT = textwrap.dedent("""
     import ray_broker as rb
     from tests.helpers import read_partition, replica, stored_batch
 
+    def produce_to_leader(admin, batch, pid):
+        # the same (pid, epoch, seq) each attempt: a retry after a leader move is deduplicated
+        deadline = time.monotonic() + 60
+        while True:
+            leader_id = admin.describe_topic("t").partitions[0].leader
+            try:
+                if leader_id is None:
+                    raise rb.NotLeaderOrFollowerError("no leader yet")
+                return leader_id, ray.get(replica("t", 0, leader_id).produce.remote(batch, -1, 10000, pid, 0, 0))
+            except Exception as exc:
+                err = getattr(exc, "cause", None) or exc
+                if not (isinstance(err, rb.BrokerError) and err.retriable) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     data_dir = sys.argv[1]
     cfg = {"producer.id.expiration.ms": 3000}
     cluster = rb.connect(data_dir=data_dir, config=cfg)
     admin = cluster.admin()
     admin.create_topic("t", replication_factor=2)
-    leader_id = admin.describe_topic("t").partitions[0].leader
     pid = ray.get(cluster.controller.allocate_producer_ids.remote(1))
     batch = stored_batch([b"a", b"b"])
-    first = ray.get(replica("t", 0, leader_id).produce.remote(batch, -1, 10000, pid, 0, 0))
+    leader_id, first = produce_to_leader(admin, batch, pid)
     cluster.shutdown()
 
     cluster = rb.connect(data_dir=data_dir, config=cfg)
@@ -34,8 +48,7 @@ SCRIPT = textwrap.dedent("""
     deadline = time.monotonic() + 60
     while admin.describe_topic("t").partitions[0].high_watermark < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    leader_id = admin.describe_topic("t").partitions[0].leader
-    retry = ray.get(replica("t", 0, leader_id).produce.remote(batch, -1, 10000, pid, 0, 0))
+    leader_id, retry = produce_to_leader(admin, batch, pid)
     assert retry.duplicate and retry.base_offset == first.base_offset, (first, retry)
     assert ray.get(cluster.controller.allocate_producer_ids.remote(1)) > pid   # ids never reused
     print("RESTART-DEDUP-OK", flush=True)

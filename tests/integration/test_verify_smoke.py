@@ -22,9 +22,9 @@ def test_verify_all_with_faults_finds_no_anomaly(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "ray_broker.cli.main", "verify", "--workload", "all", "--seconds", "60",
+    cmd = [sys.executable, "-m", "ray_broker.cli.main", "verify", "--workload", "all", "--seconds", "30",
            "--seed", "1", "--faults", "kill_leader,kill_follower,kill_txn_coordinator,kill_client",
-           "--fault-interval", "6", "--producers", "2", "--data-dir", str(tmp_path / "data"),
+           "--fault-interval", "5", "--producers", "2", "--data-dir", str(tmp_path / "data"),
            "--report", str(report)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=330)
     tail = (proc.stdout[-4000:], proc.stderr[-4000:])
