@@ -154,6 +154,9 @@ class BrokerConfig(_Config):
     transaction_coordinators: int = _opt(1, "number of transaction coordinator actors (fixed at creation)",
                                          _positive)
     group_coordinators: int = _opt(1, "number of group coordinator actors (fixed at creation)", _positive)
+    coordinator_session_timeout_ms: int = _opt(
+        9_000, "a coordinator answering no heartbeat for this long is killed and replaced (as Kafka's "
+        "broker.session.timeout.ms fences a silent broker)", _positive)
     producer_id_expiration_ms: int = _opt(86_400_000, "forget idle producer ids after this", _positive)
     transactional_id_expiration_ms: int = _opt(604_800_000, "forget idle transactional ids after this", _positive)
     # topic defaults

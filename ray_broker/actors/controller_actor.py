@@ -56,6 +56,7 @@ class ControllerActor:
         self.created_at: dict[Key, float] = {}
         self.started = time.monotonic()
         self._pending_pushes: list = []
+        self._coordinator_liveness: dict[str, tuple[float, object]] = {}   # name -> (last answer, heartbeat ref)
         self._last_node_check = 0.0
         self._nodes: list[str] = alive_node_ids()
         self._remap_nodes_after_restart()
@@ -152,37 +153,60 @@ class ControllerActor:
         self._internal_ready = True
 
     def _ensure_coordinators(self) -> None:
-        """Coordinator actors exist (recreated if someone `ray.kill`ed them) and are loaded: a
-        coordinator that restarted must resend the markers of decided transactions even if no
-        client calls it, so it is pinged (which loads it) about once a second."""
+        """Coordinator actors exist (recreated if someone `ray.kill`ed them), are alive and loaded.
+
+        A coordinator that restarted must resend the markers of decided transactions even if no
+        client calls it, so it is pinged (which loads it) about once a second. A coordinator whose
+        heartbeat goes unanswered for coordinator.session.timeout.ms (a paused or wedged process)
+        is killed, and recreated on the next round: its replacement loads under a new coordinator
+        epoch, which fences anything the old process might still try."""
         if not getattr(self, "_internal_ready", False):
             return
-        if time.monotonic() - getattr(self, "_last_coordinator_ping", 0.0) >= COORDINATOR_PING_S:
-            self._last_coordinator_ping = time.monotonic()
-            for name in [txn_coordinator_name(i) for i in range(self.config.transaction_coordinators)] + \
-                    [group_coordinator_name(i) for i in range(self.config.group_coordinators)]:
-                try:
-                    self._pending_pushes.append(ray.get_actor(name, namespace=self.namespace).ping.remote())
-                except ValueError:
-                    pass
+        from .group_coordinator_actor import GroupCoordinator, group_coordinator_options
         from .txn_coordinator_actor import TxnCoordinator, txn_coordinator_options
 
-        for i in range(self.config.transaction_coordinators):
-            name = txn_coordinator_name(i)
+        specs = [(txn_coordinator_name(i), i, TxnCoordinator, txn_coordinator_options)
+                 for i in range(self.config.transaction_coordinators)]
+        specs += [(group_coordinator_name(i), i, GroupCoordinator, group_coordinator_options)
+                  for i in range(self.config.group_coordinators)]
+        ping_due = time.monotonic() - getattr(self, "_last_coordinator_ping", 0.0) >= COORDINATOR_PING_S
+        if ping_due:
+            self._last_coordinator_ping = time.monotonic()
+        for name, index, actor_class, options in specs:
             try:
-                ray.get_actor(name, namespace=self.namespace)
+                handle = ray.get_actor(name, namespace=self.namespace)
             except ValueError:
-                TxnCoordinator.options(**txn_coordinator_options(name, self.namespace)).remote(
-                    i, self.namespace, self.config.to_dict())
-        from .group_coordinator_actor import GroupCoordinator, group_coordinator_options
+                actor_class.options(**options(name, self.namespace)).remote(index, self.namespace,
+                                                                             self.config.to_dict())
+                self._coordinator_liveness.pop(name, None)
+                continue
+            if ping_due:
+                self._pending_pushes.append(handle.ping.remote())
+                self._check_coordinator_heartbeat(name, handle)
 
-        for i in range(self.config.group_coordinators):
-            name = group_coordinator_name(i)
-            try:
-                ray.get_actor(name, namespace=self.namespace)
-            except ValueError:
-                GroupCoordinator.options(**group_coordinator_options(name, self.namespace)).remote(
-                    i, self.namespace, self.config.to_dict())
+    def _check_coordinator_heartbeat(self, name: str, handle) -> None:
+        now = time.monotonic()
+        last_ok, outstanding = self._coordinator_liveness.get(name, (now, None))
+        if outstanding is not None:
+            done, _ = ray.wait([outstanding], timeout=0)
+            if done:
+                try:
+                    ray.get(done[0])
+                    last_ok = now
+                except Exception:  # noqa: BLE001 - dead or restarting: the name lookup sorts that out
+                    pass
+                outstanding = None
+            elif now - last_ok > self.config.coordinator_session_timeout_ms / 1000.0:
+                log.warning("coordinator %s answered no heartbeat for %.1f s: replacing it", name, now - last_ok)
+                try:
+                    ray.kill(handle, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+                self._coordinator_liveness.pop(name, None)
+                return
+        if outstanding is None:
+            outstanding = handle.liveness.remote()
+        self._coordinator_liveness[name] = (last_ok, outstanding)
 
     def coordinator_identity(self, kind: str, index: int) -> tuple[int, int]:
         """(producer id, new coordinator epoch) for a coordinator (re)loading its state."""

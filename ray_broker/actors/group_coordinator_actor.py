@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import ray
@@ -239,6 +240,11 @@ class GroupCoordinatorActor:
             raise NonEmptyGroupError(
                 f"group {group_id!r} has {len(g.members)} live member(s) ({', '.join(sorted(g.members))}); "
                 f"stop its consumers first")
+
+    async def liveness(self) -> int:
+        """Liveness only (never waits on loading): the controller replaces a coordinator that stops
+        answering. Returns the process id."""
+        return os.getpid()
 
     async def ping(self) -> dict:
         shard = await self._ensure_loaded()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import pyarrow as pa
@@ -286,6 +287,11 @@ class TxnCoordinatorActor:
                 log.info("timeout scan: %s", exc)
 
     # ---- API -----------------------------------------------------------------------------------
+    async def liveness(self) -> int:
+        """Liveness only (never waits on loading): the controller replaces a coordinator that stops
+        answering. Returns the process id."""
+        return os.getpid()
+
     async def ping(self) -> dict:
         shard = await self._ensure_loaded()
         return {"index": self.index, "coordinator_epoch": self.coordinator_epoch,

@@ -216,6 +216,91 @@ def test_markers_from_an_older_coordinator_epoch_are_refused(broker, topic_name)
     assert committed_values(broker, topic_name, 1) == [b"v"] and hw == 2
 
 
+def test_paused_coordinator_is_replaced_and_its_process_cannot_act(broker, topic_name):
+    """SIGSTOP the coordinator mid-transaction: the controller misses its heartbeats for
+    coordinator.session.timeout.ms, kills it and starts a replacement under a new coordinator epoch,
+    which completes the commit. The paused process, resumed, is gone or fenced: the result holds."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=2, replication_factor=2)
+    tid = f"{topic_name}-tx"
+    producer = broker.producer(transactional_id=tid)
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(20):
+        producer.send(topic_name, value=b"v%d" % i, partition=i % 2)
+    producer.flush()
+    old = coordinator()
+    old_epoch = ray.get(old.ping.remote())["coordinator_epoch"]
+    old_pid = ray.get(old.liveness.remote())
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        producer.commit_transaction()   # retried until the replacement answers
+    finally:
+        try:
+            os.kill(old_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    new = coordinator()
+    assert ray.get(new.liveness.remote()) != old_pid
+    assert ray.get(new.ping.remote())["coordinator_epoch"] > old_epoch
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(old.liveness.remote(), timeout=30)
+    wait_stable(admin, topic_name)
+    wait_for(lambda: admin.describe_transaction(tid).state == "COMPLETE_COMMIT", timeout=30,
+             what="the replacement completed the commit")
+    assert sorted(committed_values(broker, topic_name, 2)) == sorted(b"v%d" % i for i in range(20))
+    # the next transaction of the same producer runs on the replacement
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"after", partition=0)
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert committed_values(broker, topic_name, 2).count(b"after") == 1
+
+
+def test_exhausted_epoch_rotates_to_a_new_producer_id(broker, topic_name):
+    """A transactional id whose durable state sits at the last usable epoch (written to
+    __transaction_state as the coordinator writes it; reaching it by 32k commits would take minutes):
+    after a reload, the producer commits at that epoch, gets a new producer id, and keeps working."""
+    from ray_broker.actors.txn_coordinator_actor import records_batch
+    from ray_broker.protocol import TXN_STATE_TOPIC
+    from ray_broker.txn.metadata import EXHAUSTED_PRODUCER_EPOCH
+    from ray_broker.txn.records import TxnLogValue, txn_record
+    from ray_broker.txn.state import TxnState
+
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1, replication_factor=2)
+    tid = f"{topic_name}-tx"
+    worn_pid = ray.get(broker.controller.allocate_producer_ids.remote(1))
+    now = int(time.time() * 1000)
+    record = txn_record(tid, TxnLogValue(worn_pid, EXHAUSTED_PRODUCER_EPOCH - 1, -1, -1, -1, 60_000,
+                                         TxnState.COMPLETE_COMMIT, frozenset(), -1, now))
+    state_leader = replica(TXN_STATE_TOPIC, 0, leader_of(admin, TXN_STATE_TOPIC, 0))
+    ray.get(state_leader.produce.remote(records_batch([record]), -1, 10_000))
+    old_pid = ray.get(coordinator().liveness.remote())
+    ray.kill(coordinator())          # the replacement loads the crafted state from the log
+
+    def reloaded():
+        try:
+            return ray.get(coordinator().liveness.remote(), timeout=5) != old_pid
+        except Exception:  # noqa: BLE001 - not recreated yet
+            return False
+
+    wait_for(reloaded, timeout=60, what="coordinator recreated")
+    producer = broker.producer(transactional_id=tid)
+    producer.init_transactions()
+    assert producer.idempotence.producer_id == worn_pid
+    assert producer.idempotence.producer_epoch == EXHAUSTED_PRODUCER_EPOCH
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"at-the-last-epoch")
+    producer.commit_transaction()
+    assert producer.idempotence.producer_id != worn_pid and producer.idempotence.producer_epoch == 0
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"with-the-new-id")
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert committed_values(broker, topic_name, 1) == [b"at-the-last-epoch", b"with-the-new-id"]
+
+
 def test_partition_leader_killed_during_commit(broker, topic_name):
     admin = broker.admin()
     admin.create_topic(topic_name, partitions=2, replication_factor=3, config={"min.insync.replicas": 2})
