@@ -43,8 +43,8 @@ FAULT_KINDS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_gro
                "kill_controller", "kill_client", "pause", "restart_broker", "restart_cluster")
 # restart_broker / restart_cluster are opt-in: after a full broker restart on a loaded machine every
 # partition stayed leaderless (controller liveness bug, docs/verification.md), which stalls the run.
-DEFAULT_FAULTS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_controller", "kill_client",
-                  "pause")
+DEFAULT_FAULTS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_group_coordinator",
+                  "kill_controller", "kill_client", "pause")
 
 
 class Nemesis(threading.Thread):
@@ -211,9 +211,9 @@ class Nemesis(threading.Thread):
         return self._kill_named("kill_controller", CONTROLLER_NAME)
 
     def _kill_client(self) -> bool:
-        from .workloads import TxnProducer
+        from .workloads import Copier, TxnProducer
 
-        workers = [w for w in self.ctx.workers if isinstance(w, TxnProducer) and w.is_alive()]
+        workers = [w for w in self.ctx.workers if isinstance(w, (TxnProducer, Copier)) and w.is_alive()]
         if not workers:
             return False
         w = self.rng.choice(workers)

@@ -17,8 +17,11 @@ client around a whole-cluster restart).
 - `final_read`: after the run, wait for LSO == HW and read every partition completely under both
   isolation levels (`FinalRead` events: the ground truth for the checker).
 
-A consumer-group "copier" workload is not here: the consumer has no subscribe()/group_metadata()
-yet (see docs/verification.md).
+- `copier`: Kafka's transactional-copier system test. Copiers in one consumer group (read_committed,
+  subscribed to the shared topics) copy every record they poll to an output topic inside a
+  transaction that also carries their input offsets (`send_offsets_to_transaction`); each output
+  value names its input, so the checker can demand exactly one visible output per committed input.
+  Run alone, it brings its own idempotent input writer.
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 from .history import (
-    READ_COMMITTED, READ_UNCOMMITTED, Assign, FinalRead, History, Poll, Rebalance, Seek, SendFail, SendOk,
-    SendUnknown, TxnAbort, TxnBegin, TxnCommit, TxnCommitStart,
+    READ_COMMITTED, READ_UNCOMMITTED, Assign, CopyOutput, FinalRead, History, OffsetCommit, Poll, Rebalance, Seek,
+    SendFail, SendOk, SendUnknown, TxnAbort, TxnBegin, TxnCommit, TxnCommitStart,
 )
 
 log = logging.getLogger(__name__)
 
-WORKLOADS = ("queue", "txn")
+WORKLOADS = ("queue", "txn", "copier")
+COPIER_OUTPUT = "copier_out"
 
 PRODUCER_TIMEOUTS = {"delivery_timeout_ms": 30_000, "request_timeout_ms": 10_000, "max_block_ms": 30_000,
                      "linger_ms": 2}
@@ -140,6 +144,14 @@ def setup_topics(ctx: RunContext, workloads: list[str], partitions: int = 3, rep
         else:
             raise TimeoutError(f"could not create topic {i} with leaders for every partition")
     ctx.topics = {"shared": names}
+    if "copier" in workloads:
+        out = f"verify-{ctx.run_id}-out"
+        try:
+            admin.create_topic(out, partitions=partitions, replication_factor=replication_factor,
+                               config={"min.insync.replicas": min_isr})
+        except TopicAlreadyExistsError:
+            pass
+        ctx.topics[COPIER_OUTPUT] = [out]
     if not wait_stable(ctx, timeout=120):
         raise TimeoutError(f"topics {names} have no leaders / LSO != HW after 120 s")
 
@@ -350,17 +362,8 @@ class TxnProducer(Worker):
             self.last_error = _err(exc)
             self._new_instance()
 
-    def _record_sends(self, sent, txn_id: str, final: bool = True) -> None:
-        for topic, partition, value, fut in sent:
-            if not fut.done():
-                self.ctx.record(SendUnknown(self.wid, topic, partition, value, "not completed", txn_id=txn_id))
-                continue
-            try:
-                md = fut.result(timeout=0)
-                self.ctx.record(SendOk(self.wid, topic, partition, value, int(md.offset), txn_id=txn_id))
-            except Exception as exc:  # noqa: BLE001
-                cls = SendFail if _definite_failure(exc) else SendUnknown
-                self.ctx.record(cls(self.wid, topic, partition, value, _err(exc), txn_id=txn_id))
+    def _record_sends(self, sent, txn_id: str) -> None:
+        _record_sends(self.ctx, self.wid, sent, txn_id)
 
     def _abandon(self, sent, txn_id: str) -> None:
         """kill_client: the instance "crashes" mid-transaction (no commit, no abort); a new instance
@@ -382,11 +385,139 @@ class TxnProducer(Worker):
             _quiet_close(self.producer)
 
 
+def _record_sends(ctx: RunContext, wid: str, sent, txn_id: str) -> None:
+    """What each (topic, partition, value, future) of a transaction is known to have become."""
+    for topic, partition, value, fut in sent:
+        if not fut.done():
+            ctx.record(SendUnknown(wid, topic, partition, value, "not completed", txn_id=txn_id))
+            continue
+        try:
+            md = fut.result(timeout=0)
+            ctx.record(SendOk(wid, topic, partition, value, int(md.offset), txn_id=txn_id))
+        except Exception as exc:  # noqa: BLE001
+            cls = SendFail if _definite_failure(exc) else SendUnknown
+            ctx.record(cls(wid, topic, partition, value, _err(exc), txn_id=txn_id))
+
+
 def _quiet_close(p) -> None:
     try:
         p.close(timeout=10)
     except Exception:  # noqa: BLE001
         pass
+
+
+# ------------------------------------------------------------------------------------------------ copier
+class Copier(Worker):
+    """Read-process-write: poll (read_committed, group member), send one output per input record,
+    send the input offsets to the transaction, commit. Output values are "<copier>-<n>|<input>": one
+    per copy attempt, so a re-copied input shows up as two distinct outputs (duplicate_offset_commit)
+    and an input below a committed offset without a visible output as lost_offset_commit."""
+
+    def __init__(self, ctx, name, seed, input_tps, output_topic: str):
+        super().__init__(ctx, name, seed)
+        self.input_topics = sorted({t for t, _ in input_tps})
+        self.output_topic = output_topic
+        self.group = f"verify-{ctx.run_id}-copier"
+        self.transactional_id = f"verify-{ctx.run_id}-{name}"
+        self.kill_requested = threading.Event()
+        self.killed = threading.Event()
+        self.producer = None
+        self.consumer = None
+        self.n = 0
+        self.t = 0
+        self.instances = 0
+
+    def rebuild(self):
+        self._new_instance()
+
+    def _new_instance(self):
+        """A fresh consumer (resumes from the committed offsets) and producer (fences the old one)."""
+        old_p, old_c = self.producer, self.consumer
+        self.producer = self.consumer = None
+        for old in (old_p, old_c):
+            if old is not None:
+                threading.Thread(target=_quiet_close, args=(old,), daemon=True).start()
+        p = self.ctx.cluster.producer(transactional_id=self.transactional_id,
+                                      client_id=f"{self.wid}.{self.instances}", transaction_timeout_ms=20_000,
+                                      **PRODUCER_TIMEOUTS)
+        self.instances += 1
+        p.init_transactions(timeout=60)
+        c = self.ctx.cluster.consumer(group_id=self.group, isolation_level=READ_COMMITTED,
+                                      auto_offset_reset="earliest", enable_auto_commit=False,
+                                      session_timeout_ms=10_000, client_id=self.wid, **CONSUMER_TIMEOUTS)
+        c.subscribe(self.input_topics)
+        self.producer, self.consumer = p, c
+
+    def step(self):
+        from ..records import TopicPartition
+
+        if self.producer is None:
+            self._new_instance()
+        polled = self.consumer.poll(timeout=0.5)
+        inputs = []
+        offsets: dict = {}
+        for tp, batch in polled.items():
+            offs = batch.column("offset").to_pylist()
+            vals = batch.column("value").to_pylist()
+            inputs.extend((tp.partition, _decode(v)) for v in vals)
+            if offs:
+                offsets[TopicPartition(tp.topic, tp.partition)] = int(offs[-1]) + 1
+        if not offsets:
+            return
+        p = self.producer
+        self.t += 1
+        txn_id = f"{self.wid}-t{self.t}"
+        p.begin_transaction()
+        self.ctx.record(TxnBegin(self.wid, txn_id))
+        sent = []
+        try:
+            for i, (partition, value) in enumerate(inputs):
+                if i == len(inputs) // 2 and self.kill_requested.is_set():
+                    self._abandon(sent, txn_id)
+                    return
+                out = f"{self.wid}-{self.n}|{value}"
+                self.n += 1
+                self.ctx.record(CopyOutput(value, out, txn_id))
+                fut = p.send(self.output_topic, value=out.encode(), partition=partition)
+                sent.append((self.output_topic, partition, out, fut))
+            p.send_offsets_to_transaction(offsets, self.consumer.group_metadata(), timeout=60)
+            self.ctx.record(OffsetCommit(self.group, self.wid, {(tp.topic, tp.partition): o
+                                                                for tp, o in offsets.items()}, txn_id=txn_id))
+            try:
+                p.flush(timeout=45)
+            except Exception:  # noqa: BLE001 - futures tell what happened
+                pass
+        except Exception:
+            _record_sends(self.ctx, self.wid, sent, txn_id)
+            self.ctx.record(TxnAbort(self.wid, txn_id, None))
+            raise                           # on_error: new instance, rewound to the committed offsets
+        _record_sends(self.ctx, self.wid, sent, txn_id)
+        self.ctx.record(TxnCommitStart(self.wid, txn_id))
+        try:
+            p.commit_transaction(timeout=60)
+        except Exception:
+            self.ctx.record(TxnCommit(self.wid, txn_id, None))
+            raise
+        self.ctx.record(TxnCommit(self.wid, txn_id, True))
+
+    def _abandon(self, sent, txn_id: str) -> None:
+        """kill_client: stop mid-transaction; the new instance fences this one and aborts its work."""
+        _record_sends(self.ctx, self.wid, sent, txn_id)
+        self._new_instance()
+        self.kill_requested.clear()
+        self.killed.set()
+
+    def on_error(self, exc):
+        old_p, old_c = self.producer, self.consumer
+        self.producer = self.consumer = None
+        for old in (old_p, old_c):
+            if old is not None:
+                threading.Thread(target=_quiet_close, args=(old,), daemon=True).start()
+
+    def close(self):
+        for c in (self.producer, self.consumer):
+            if c is not None:
+                _quiet_close(c)
 
 
 # ------------------------------------------------------------------------------------------------ readers
@@ -464,7 +595,7 @@ def make_workers(ctx: RunContext, workloads: list[str], producers: int = 3) -> l
     every partition."""
     rng = random.Random(ctx.seed)
     workers: list[Worker] = []
-    tps = ctx.all_tps()
+    tps = ctx.all_tps("shared")
     for w in workloads:
         if w == "queue":
             for i in range(producers):
@@ -472,10 +603,17 @@ def make_workers(ctx: RunContext, workloads: list[str], producers: int = 3) -> l
         elif w == "txn":
             for i in range(producers):
                 workers.append(TxnProducer(ctx, f"t{i}", rng.randrange(2 ** 32), tps))
+        elif w == "copier":
+            if workloads == ["copier"]:   # something to copy
+                workers.append(QueueProducer(ctx, "cin", rng.randrange(2 ** 32), tps))
+            output = ctx.topics[COPIER_OUTPUT][0]
+            for i in range(2):
+                workers.append(Copier(ctx, f"c{i}", rng.randrange(2 ** 32), tps, output))
         else:
             raise ValueError(f"unknown workload {w!r} (known: {', '.join(WORKLOADS)})")
-    workers.append(Reader(ctx, "r-rc", rng.randrange(2 ** 32), tps, READ_COMMITTED))
-    workers.append(Reader(ctx, "r-ru", rng.randrange(2 ** 32), tps, READ_UNCOMMITTED))
+    every = ctx.all_tps()   # the copier's output is read back too
+    workers.append(Reader(ctx, "r-rc", rng.randrange(2 ** 32), every, READ_COMMITTED))
+    workers.append(Reader(ctx, "r-ru", rng.randrange(2 ** 32), every, READ_UNCOMMITTED))
     ctx.workers = workers
     return workers
 
