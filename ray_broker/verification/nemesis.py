@@ -40,7 +40,9 @@ from .history import Fault
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_group_coordinator",
-               "kill_controller", "kill_client", "pause", "restart_broker", "restart_cluster")
+               "kill_controller", "kill_client", "pause", "restart_broker", "restart_cluster",
+               "remove_node", "add_node")
+NODE_FAULTS = ("remove_node", "add_node")   # need `--nodes N` (a ray.cluster_utils.Cluster)
 # restart_broker / restart_cluster are opt-in: after a full broker restart on a loaded machine every
 # partition stayed leaderless (controller liveness bug, docs/verification.md), which stalls the run.
 DEFAULT_FAULTS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_group_coordinator",
@@ -341,6 +343,50 @@ class Nemesis(threading.Thread):
             self._wait(lambda: all(p.leader is not None for t in [t for ts in ctx.topics.values() for t in ts]
                                    for p in ctx.cluster.admin().describe_topic(t).partitions), 60.0)
             self._end("restart_cluster", target)
+        return True
+
+
+    # ------------------------------------------------------------------ nodes (ray.cluster_utils.Cluster)
+    def _all_leaders(self, timeout: float) -> bool:
+        admin = self.ctx.cluster.admin()
+        topics = [t for ts in self.ctx.topics.values() for t in ts]
+        return self._wait(lambda: all(p.leader is not None for t in topics
+                                      for p in admin.describe_topic(t).partitions), timeout)
+
+    def _remove_node(self) -> bool:
+        """Hard-remove a random worker node (its raylet and every actor on it die at once, as when a
+        machine is lost). At least two nodes stay, so RF-3 partitions keep a min.insync quorum."""
+        nodes = self.ctx.node_cluster
+        if nodes is None:
+            return False
+        workers = list(nodes.worker_nodes)
+        if len(workers) + 1 <= 2:
+            return False
+        victim = self.rng.choice(workers)
+        target = f"node {victim.node_id[:12]}"
+        self._start("remove_node", target)
+        self.ctx.call_in_main(lambda: nodes.remove_node(victim, allow_graceful=False))
+        self._all_leaders(60.0)
+        self._end("remove_node", target)
+        return True
+
+    def _add_node(self) -> bool:
+        """Bring the cluster back to its size: the controller moves replicas that lost their node onto it."""
+        nodes = self.ctx.node_cluster
+        if nodes is None or len(nodes.worker_nodes) + 1 >= self.ctx.node_count:
+            return False
+        def add():
+            node = nodes.add_node(num_cpus=1)
+            nodes.wait_for_nodes()
+            return node
+
+        self._start("add_node", "new node")
+        try:
+            node = self.ctx.call_in_main(add)
+        except Exception:
+            self._end("add_node", "new node (failed)")
+            raise
+        self._end("add_node", f"node {node.node_id[:12]}")
         return True
 
 

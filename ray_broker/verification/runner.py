@@ -20,7 +20,7 @@ from typing import Any
 
 from .checker import check
 from .history import History
-from .nemesis import DEFAULT_FAULTS, FAULT_KINDS, Nemesis
+from .nemesis import DEFAULT_FAULTS, FAULT_KINDS, NODE_FAULTS, Nemesis
 from .workloads import WORKLOADS, final_read, make_workers, RunContext, setup_topics
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,21 @@ def parse_workloads(spec: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def parse_faults(spec: str | None, embedded: bool, workloads: list[str]) -> list[str]:
+def parse_faults(spec: str | None, embedded: bool, workloads: list[str], nodes: int = 1) -> list[str]:
     if spec is None:
-        kinds = list(DEFAULT_FAULTS)
+        kinds = list(DEFAULT_FAULTS) + (list(NODE_FAULTS) if nodes > 1 else [])
     elif spec.strip() in ("", "none"):
         kinds = []
     elif spec.strip() == "all":
-        kinds = [k for k in FAULT_KINDS if embedded or k != "restart_cluster"]
+        kinds = [k for k in FAULT_KINDS if (embedded or k != "restart_cluster")
+                 and (nodes > 1 or k not in NODE_FAULTS)]
     else:
         kinds = [k.strip() for k in spec.split(",") if k.strip()]
         bad = [k for k in kinds if k not in FAULT_KINDS]
         if bad:
             raise ValueError(f"unknown fault kind(s) {bad} (known: {', '.join(FAULT_KINDS)})")
+        if nodes < 3 and any(k in NODE_FAULTS for k in kinds):
+            raise ValueError("remove_node / add_node need a multi-node run: --nodes 3 or more (embedded)")
     if "txn" not in workloads and "copier" not in workloads:
         kinds = [k for k in kinds if k != "kill_client"]
     if "copier" not in workloads and spec is None:
@@ -61,10 +64,27 @@ def parse_faults(spec: str | None, embedded: bool, workloads: list[str]) -> list
     return kinds
 
 
+def start_node_cluster(nodes: int, namespace: str, data_dir: str):
+    """A `ray.cluster_utils.Cluster` of `nodes` one-CPU nodes on this machine, this driver attached
+    and the broker deployed on it (the node faults remove and add its worker nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    import ray_broker as rb
+
+    node_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(nodes - 1):
+        node_cluster.add_node(num_cpus=1)
+    node_cluster.wait_for_nodes()
+    ray.init(address=node_cluster.address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
+    rb.deploy(namespace=namespace, data_dir=data_dir, config=VERIFY_BROKER_CONFIG)
+    return node_cluster
+
+
 def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, report_path: str | None = None,
                faults: str | None = None, data_dir: str | None = None, address: str | None = None,
                namespace: str = "ray_broker", fault_interval: float = 5.0, producers: int = 3,
-               history_path: str | None = None, quiet: bool = False) -> dict[str, Any]:
+               history_path: str | None = None, quiet: bool = False, nodes: int = 1) -> dict[str, Any]:
     import ray
 
     import ray_broker as rb
@@ -72,7 +92,9 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
     workloads = parse_workloads(workload)
     address = address or os.environ.get("RAY_ADDRESS")
     embedded = not (address or ray.is_initialized())
-    kinds = parse_faults(faults, embedded, workloads)
+    if nodes > 1 and not embedded:
+        raise ValueError("--nodes starts its own multi-node cluster on this machine: drop --address / RAY_ADDRESS")
+    kinds = parse_faults(faults, embedded, workloads, nodes)
     made_tmp = None
     if embedded and data_dir is None:
         data_dir = made_tmp = tempfile.mkdtemp(prefix="rb_verify_")
@@ -83,7 +105,13 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
         if not quiet:
             print(f"[verify {time.time() - started:6.1f}s] {msg}", flush=True)
 
-    if embedded:
+    node_cluster = None
+    if nodes > 1:
+        node_cluster = start_node_cluster(nodes, namespace, data_dir)
+
+        def connect():
+            return rb.connect(namespace=namespace, data_dir=data_dir)
+    elif embedded:
         def connect():
             return rb.connect(namespace=namespace, data_dir=data_dir, config=VERIFY_BROKER_CONFIG)
     else:
@@ -92,10 +120,11 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
     say(f"connecting ({'embedded, data dir ' + data_dir if embedded else 'attached to ' + str(address or 'ray')})")
     cluster = connect()
     history = History()
-    ctx = RunContext(cluster, history, seed, run_id, connect=connect if embedded else None)
+    ctx = RunContext(cluster, history, seed, run_id, connect=connect if embedded and nodes == 1 else None)
+    ctx.node_cluster, ctx.node_count = node_cluster, nodes
     settings = {"workload": workload, "workloads": workloads, "seconds": seconds, "seed": seed,
                 "faults_requested": kinds, "fault_interval_s": fault_interval, "producers_per_workload": producers,
-                "embedded": embedded, "data_dir": data_dir, "namespace": namespace, "run_id": run_id,
+                "embedded": embedded, "nodes": nodes, "data_dir": data_dir, "namespace": namespace, "run_id": run_id,
                 "topics": "2 per workload x 3 partitions, RF 3, min.insync.replicas 2",
                 "broker_config": VERIFY_BROKER_CONFIG if embedded else "as deployed"}
     nemesis = None
@@ -113,11 +142,17 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
         deadline = time.monotonic() + seconds
         next_status = time.monotonic() + 15
         while time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            ctx.run_main_calls()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
             if time.monotonic() >= next_status:
                 next_status += 15
                 say(f"{len(history)} events, faults {dict(nemesis.injected)}")
         say("stopping nemesis")
+        nemesis.stop_event.set()
+        stop_by = time.monotonic() + 120
+        while nemesis.is_alive() and time.monotonic() < stop_by:
+            ctx.run_main_calls()       # a node fault in progress needs the main thread to finish
+            nemesis.join(0.2)
         nemesis.stop()
         say("stopping clients")
         ctx.stop.set()
@@ -135,6 +170,9 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
             ctx.cluster.shutdown()
         except Exception:  # noqa: BLE001
             pass
+        if node_cluster is not None:
+            ray.shutdown()
+            node_cluster.shutdown()
         raise
     finally:
         ctx.stop.set()
@@ -165,6 +203,9 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
         ctx.cluster.shutdown()
     except Exception:  # noqa: BLE001
         pass
+    if node_cluster is not None:
+        ray.shutdown()
+        node_cluster.shutdown()
     if made_tmp and out["valid"]:
         import shutil
 

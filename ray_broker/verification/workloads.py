@@ -26,9 +26,11 @@ client around a whole-cluster restart).
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -56,6 +58,9 @@ class RunContext:
         self.seed = seed
         self.run_id = run_id
         self.connect = connect          # makes a new Cluster after a whole-cluster restart (embedded only)
+        self.node_cluster = None        # ray.cluster_utils.Cluster of a multi-node run (--nodes N)
+        self.node_count = 1
+        self._main_calls: "queue.Queue[tuple[Callable[[], Any], Future]]" = queue.Queue()
         self.stop = threading.Event()
         self.generation = 0             # bumped by every cluster restart: clients must be rebuilt
         self.topics: dict[str, list[str]] = {}   # workload -> topics
@@ -99,6 +104,27 @@ class RunContext:
             with self._gate:
                 self._closed = False
                 self._gate.notify_all()
+
+    def call_in_main(self, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
+        """Run `fn` on the driver's main thread (Ray starts node processes with signal handlers,
+        which only the main thread may install) and return its result."""
+        fut: Future = Future()
+        self._main_calls.put((fn, fut))
+        return fut.result(timeout)
+
+    def run_main_calls(self) -> None:
+        """Serve `call_in_main` requests; the runner calls this from its main-thread loops."""
+        while True:
+            try:
+                fn, fut = self._main_calls.get_nowait()
+            except queue.Empty:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
 
     def all_tps(self, workload: str | None = None) -> list[tuple[str, int]]:
         topics = self.topics.get(workload, []) if workload else [t for ts in self.topics.values() for t in ts]
