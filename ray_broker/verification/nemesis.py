@@ -253,7 +253,11 @@ class Nemesis(threading.Thread):
                 return False
             name = replica_actor_name(topic, partition, d.leader)
         elif choice < 0.8:
-            name = self.rng.choice(self._coordinator_names("txn"))
+            from .workloads import COPIER_OUTPUT
+
+            uses_groups = COPIER_OUTPUT in self.ctx.topics     # only the copier has a group to disturb
+            kind = "group" if uses_groups and self.rng.random() < 0.5 else "txn"
+            name = self.rng.choice(self._coordinator_names(kind))
         else:
             name = CONTROLLER_NAME
         pid = self._pid_of(name)

@@ -26,7 +26,9 @@ from .workloads import WORKLOADS, final_read, make_workers, RunContext, setup_to
 log = logging.getLogger(__name__)
 
 # faster failure detection than the defaults, as in the integration tests
-VERIFY_BROKER_CONFIG = {"replica.health.check.interval.ms": 100, "replica.lag.time.max.ms": 5000}
+VERIFY_BROKER_CONFIG = {"replica.health.check.interval.ms": 100, "replica.lag.time.max.ms": 5000,
+                        # below the longest pause (6 s): a paused coordinator is replaced and resumes a zombie
+                        "coordinator.session.timeout.ms": 4000}
 
 
 def parse_workloads(spec: str) -> list[str]:
