@@ -15,30 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import ray
 
-from ..config import BrokerConfig
 from ..errors import (GroupIdNotFoundError, NonEmptyGroupError, NotCoordinatorError,
                       TransactionCoordinatorFencedError)
 from ..group.coordinator import CoordinatorResult, GroupCoordinatorShard, GroupDescription, GroupListing
 from ..group.group import JoinResult, SyncResult
 from ..group.state import GroupState
-from ..protocol import CONTROLLER_NAME, OFFSETS_TOPIC
+from ..protocol import OFFSETS_TOPIC
 from ..records import TopicPartition
-from .txn_coordinator_actor import InternalPartitionWriter
+from .coordinator_base import CoordinatorActorBase, _now_ms, controller_handle
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.15
 METADATA_REFRESH_S = 2.0
-SNAPSHOT_EVERY_RECORDS = 5000
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def group_coordinator_index(group_id: str, coordinators: int) -> int:
@@ -51,86 +44,32 @@ def _tps(tps) -> list[TopicPartition] | None:
     return None if tps is None else [TopicPartition(str(t), int(p)) for t, p in tps]
 
 
-class GroupCoordinatorActor:
+class GroupCoordinatorActor(CoordinatorActorBase):
+    KIND = "group"
+    TOPIC = OFFSETS_TOPIC
+    SNAPSHOT_EVERY_RECORDS = 5000
+
     def __init__(self, index: int, namespace: str, broker_config: dict | None = None):
-        self.index = index
-        self.namespace = namespace
-        self.config = BrokerConfig.from_dict(broker_config or {})
-        self.shard: GroupCoordinatorShard | None = None
-        self.coordinator_epoch = -1
-        self.writer: InternalPartitionWriter | None = None
-        self._load_lock: asyncio.Lock | None = None
-        self._op_lock: asyncio.Lock | None = None
-        self._background: list[asyncio.Task] = []
-        self._records_since_snapshot = 0
+        super().__init__(index, namespace, broker_config)
         self._last_metadata = 0.0
         # soft: highest transaction-coordinator epoch seen per producer id (older markers are fenced)
         self._marker_epochs: dict[int, int] = {}
 
-    # ---- loading ---------------------------------------------------------------------------------
-    async def _ensure_loaded(self) -> GroupCoordinatorShard:
-        if self.shard is not None:
-            return self.shard
-        if self._load_lock is None:
-            self._load_lock, self._op_lock = asyncio.Lock(), asyncio.Lock()
-        async with self._load_lock:
-            if self.shard is None:
-                await self._load()
-        return self.shard
-
-    async def _load(self) -> None:
-        for t in self._background:
-            t.cancel()
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
-        producer_id, epoch = await controller.coordinator_identity.remote("group", self.index)
-        writer = InternalPartitionWriter(self.namespace, OFFSETS_TOPIC, self.index, producer_id, epoch)
-        records = await writer.read_all()
+    # ---- the base's hooks --------------------------------------------------------------------
+    async def _build_shard(self, records, epoch: int) -> GroupCoordinatorShard:
         shard = GroupCoordinatorShard(partitions_per_topic=await self._partition_counts())
         for key, value in records:
             shard.replay(key, value)
         shard.on_loaded(_now_ms())
         self._last_metadata = time.monotonic()
-        self.writer, self.coordinator_epoch, self.shard = writer, epoch, shard
-        self._records_since_snapshot = len(records)
-        log.info("group coordinator %d loaded %d records at epoch %d", self.index, len(records), epoch)
-        self._background = [asyncio.get_running_loop().create_task(self._tick_loop(epoch))]
+        return shard
 
-    def _fence(self) -> None:
-        """Our log writes were refused: a newer coordinator exists or the log moved. Reload lazily."""
-        self.shard = None
+    def _after_load(self, shard: GroupCoordinatorShard, epoch: int) -> list[asyncio.Task]:
+        return [asyncio.get_running_loop().create_task(self._tick_loop(epoch))]
 
     async def _partition_counts(self) -> dict[str, int]:
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
-        meta = await controller.get_metadata.remote(None)
+        meta = await controller_handle(self.namespace).get_metadata.remote(None)
         return {name: m.num_partitions for name, m in meta.items() if not m.internal}
-
-    # ---- one operation at a time: decide, append, apply ------------------------------------------
-    async def _run(self, decide) -> CoordinatorResult:
-        shard = await self._ensure_loaded()
-        async with self._op_lock:
-            if self.shard is not shard:
-                raise NotCoordinatorError("group coordinator reloaded; retry")
-            result = decide(shard)
-            if result.records:
-                try:
-                    await self.writer.append(list(result.records))
-                except NotCoordinatorError:
-                    self._fence()
-                    raise
-                self._records_since_snapshot += len(result.records)
-            shard.apply(result)
-            await self._maybe_snapshot(shard)
-        return result
-
-    async def _maybe_snapshot(self, shard: GroupCoordinatorShard) -> None:
-        """Keep `__consumer_offsets` bounded: append a full snapshot, then drop what lies before it."""
-        if self._records_since_snapshot < SNAPSHOT_EVERY_RECORDS:
-            return
-        records = shard.snapshot_records()
-        start = await self.writer.append(records) if records else None
-        self._records_since_snapshot = len(records)
-        if start is not None:
-            await self.writer.delete_records_before(start, replicas=3)
 
     async def _refresh_metadata(self) -> None:
         counts = await self._partition_counts()
@@ -240,11 +179,6 @@ class GroupCoordinatorActor:
             raise NonEmptyGroupError(
                 f"group {group_id!r} has {len(g.members)} live member(s) ({', '.join(sorted(g.members))}); "
                 f"stop its consumers first")
-
-    async def liveness(self) -> int:
-        """Liveness only (never waits on loading): the controller replaces a coordinator that stops
-        answering. Returns the process id."""
-        return os.getpid()
 
     async def ping(self) -> dict:
         shard = await self._ensure_loaded()

@@ -43,8 +43,8 @@ FAULT_KINDS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_gro
                "kill_controller", "kill_client", "pause", "restart_broker", "restart_cluster",
                "remove_node", "add_node")
 NODE_FAULTS = ("remove_node", "add_node")   # need `--nodes N` (a ray.cluster_utils.Cluster)
-# restart_broker / restart_cluster are opt-in: after a full broker restart on a loaded machine every
-# partition stayed leaderless (controller liveness bug, docs/verification.md), which stalls the run.
+# restart_broker / restart_cluster are opt-in: each parks every client for ~30 s (restart_cluster is
+# experimental); see docs/verification.md.
 DEFAULT_FAULTS = ("kill_leader", "kill_follower", "kill_txn_coordinator", "kill_group_coordinator",
                   "kill_controller", "kill_client", "pause")
 
