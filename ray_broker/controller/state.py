@@ -203,12 +203,18 @@ class ClusterState:
         return False
 
     def move_replica(self, name: str, partition: int, replica: int, node_id: str | None) -> None:
-        """Place a replica on another node: it starts with an empty log (a new incarnation)."""
+        """Place a replica on another node: it starts with an empty log (a new incarnation).
+
+        It leaves the ISR, and leadership if it led: an empty replica leading would make its
+        followers truncate to nothing. The next reconcile elects another in-sync replica; if it was
+        the only one, the partition is offline (Kafka's clean-election rule; see
+        unclean.leader.election.enable)."""
         p = self.partition(name, partition)
         old = p.placement.get(replica, ReplicaPlacement(None))
         p.placement[replica] = ReplicaPlacement(node_id, old.incarnation + 1)
-        if replica in p.isr and replica != p.leader:
-            p.isr = [r for r in p.isr if r != replica]
+        p.isr = [r for r in p.isr if r != replica]
+        if p.leader == replica:
+            p.leader = None
 
     # ---- producer ids -------------------------------------------------------------------------
     def allocate_producer_ids(self, count: int) -> int:

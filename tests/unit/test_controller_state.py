@@ -105,3 +105,41 @@ def test_reconcile_removes_dead_followers_and_reelects_after_leader_restart():
     assert s.reconcile_partition("t", 0, {0, 1}, {0, 1}, set(), restarted={0})
     assert p.leader == 1 and p.leader_epoch == epoch + 1
     assert p.isr == [1]           # the restarted replica rejoins once the new leader sees it caught up
+
+
+def test_a_leader_moved_off_a_lost_node_leaves_the_isr_and_an_in_sync_follower_leads():
+    # a replica moved to another node restarts with an empty log: it must not stay the leader (its
+    # followers would truncate to nothing) nor count as in sync
+    s = make(nodes=("a", "b", "c", "d"))
+    p = s.topic("t").partitions[0]
+    lost = p.leader
+    epoch = p.leader_epoch
+    s.move_replica("t", 0, lost, "d")
+    assert p.leader is None and lost not in p.isr and len(p.isr) == 2
+    others = set(p.replicas) - {lost}
+    assert s.reconcile_partition("t", 0, alive=set(p.replicas), usable=set(p.replicas), starting=set(),
+                                 restarted={lost})
+    assert p.leader in others and p.leader_epoch > epoch
+
+
+def test_a_sole_in_sync_leader_moved_off_a_lost_node_leaves_the_partition_offline():
+    # Kafka's offline partition: the only in-sync copy is gone; with unclean election off no
+    # out-of-sync follower (nor the empty new incarnation) may lead
+    s = make(nodes=("a", "b", "c", "d"))
+    p = s.topic("t").partitions[0]
+    lost = p.leader
+    p.isr = [lost]
+    s.move_replica("t", 0, lost, "d")
+    assert p.leader is None and p.isr == []
+    assert not s.reconcile_partition("t", 0, alive=set(p.replicas), usable=set(p.replicas), starting=set(),
+                                     restarted=set())
+    assert p.leader is None
+
+
+def test_a_moved_follower_leaves_the_isr_and_the_leader_stays():
+    s = make(nodes=("a", "b", "c", "d"))
+    p = s.topic("t").partitions[0]
+    follower = next(r for r in p.replicas if r != p.leader)
+    leader = p.leader
+    s.move_replica("t", 0, follower, "d")
+    assert p.leader == leader and follower not in p.isr
