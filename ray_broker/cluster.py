@@ -10,6 +10,7 @@ import ray
 
 from .config import BrokerConfig, ConsumerConfig, ProducerConfig, load_config_file
 from .errors import BrokerNotFoundError, BrokerTimeoutError, InvalidConfigError
+from .group.lag import ConsumerGroupDescription, group_lag
 from .protocol import CONTROLLER_NAME, NAMESPACE, TopicDescription
 from .records import schema_to_bytes
 
@@ -229,9 +230,23 @@ class Admin:
             out.extend(ray.get(c.list_groups.remote(), timeout=60))
         return sorted(out, key=lambda g: getattr(g, "group_id", g))
 
-    def describe_group(self, group_id: str):
-        """Members, assignment, committed offsets and lag per partition (against the last stable offset)."""
-        return ray.get(self._group_coordinator(group_id).describe_group.remote(group_id), timeout=60)
+    def describe_group(self, group_id: str) -> "ConsumerGroupDescription":
+        """Members, assignment, committed offsets and, in ``.partitions``, per partition the owner,
+        committed offset, last stable offset and lag (LSO - committed: what a read_committed
+        member still has to read; None when nothing is committed or the leader is unavailable)."""
+        desc = ray.get(self._group_coordinator(group_id).describe_group.remote(group_id), timeout=60)
+        tps = set(desc.offsets) | set(desc.pending_offsets)
+        for m in desc.members:
+            tps.update(m.assignment)
+        lso: dict = {}
+        for topic in sorted({tp.topic for tp in tps}):
+            try:
+                for p in self.describe_topic(topic).partitions:
+                    lso[(topic, p.partition)] = p.last_stable_offset
+            except Exception:  # noqa: BLE001 - a deleted topic: no lag
+                pass
+        return ConsumerGroupDescription(**{f: getattr(desc, f) for f in desc.__dataclass_fields__},
+                                        partitions=group_lag(desc, lso))
 
     def reset_offsets(self, group_id: str, offsets) -> None:
         """Set committed offsets ({TopicPartition: offset}); refused while the group has live members."""

@@ -97,9 +97,14 @@ def _ray_init(address: str, namespace: str, local: bool) -> None:
 
 
 def _connect(args):
-    """A `Cluster` attached to the broker in --namespace."""
+    """A `Cluster` attached to the broker in --namespace (over this process's Ray connection when
+    `main()` is called from a driver that is already connected, e.g. a notebook or a test)."""
+    import ray
+
     import ray_broker as rb
 
+    if ray.is_initialized():
+        return rb.connect(namespace=args.namespace)
     address, state = _resolve_address(args)
     if address is None:
         raise CliError("no Ray cluster to talk to: give --address, set RAY_ADDRESS, or run `ray-broker start`",
@@ -395,6 +400,112 @@ def cmd_transactions_abort(args) -> int:
         cluster.shutdown()
 
 
+def _state_name(state) -> str:
+    return getattr(state, "name", str(state))
+
+
+def _describe_group_or_fail(admin, group_id: str):
+    d = admin.describe_group(group_id)
+    if _state_name(d.state) == "DEAD":
+        raise CliError(f"consumer group {group_id!r} does not exist", "GROUP_ID_NOT_FOUND")
+    return d
+
+
+def _group_json(d) -> dict:
+    return {"group_id": d.group_id, "state": _state_name(d.state), "generation_id": d.generation_id,
+            "protocol": d.protocol, "leader_id": d.leader_id,
+            "members": [{"member_id": m.member_id, "client_id": m.client_id, "subscription": list(m.subscription),
+                         "assignment": [[tp[0], tp[1]] for tp in m.assignment],
+                         "session_timeout_ms": m.session_timeout_ms} for m in d.members],
+            "partitions": [dict(p.__dict__) for p in d.partitions]}
+
+
+def cmd_groups_list(args) -> int:
+    cluster = _connect(args)
+    try:
+        groups = cluster.admin().list_groups()
+        if args.json:
+            print(json.dumps([{"group_id": g.group_id, "state": _state_name(g.state), "protocol": g.protocol}
+                              for g in groups], indent=2))
+        else:
+            _print_table([[g.group_id, _state_name(g.state), g.protocol or "-"] for g in groups],
+                         ["GROUP", "STATE", "PROTOCOL"])
+        return 0
+    finally:
+        cluster.shutdown()
+
+
+def cmd_groups_describe(args) -> int:
+    cluster = _connect(args)
+    try:
+        d = _describe_group_or_fail(cluster.admin(), args.group_id)
+        if args.json:
+            print(json.dumps(_group_json(d), indent=2, default=str))
+            return 0
+        print(f"Group: {d.group_id}\tState: {_state_name(d.state)}\tProtocol: {d.protocol or '-'}\t"
+              f"Generation: {d.generation_id}\tMembers: {len(d.members)}")
+        rows = [[p.topic, p.partition, "-" if p.committed is None else p.committed,
+                 "-" if p.last_stable_offset is None else p.last_stable_offset, "-" if p.lag is None else p.lag,
+                 "yes" if p.pending else "-", p.member_id or "-", p.client_id or "-"] for p in d.partitions]
+        if rows:
+            print()
+            _print_table(rows, ["TOPIC", "PARTITION", "CURRENT-OFFSET", "LAST-STABLE-OFFSET", "LAG",
+                                "TXN-PENDING", "MEMBER-ID", "CLIENT-ID"])
+        if d.members:
+            print()
+            _print_table([[m.member_id, m.client_id or "-", ",".join(m.subscription) or "-",
+                           _fmt_list(f"{tp[0]}-{tp[1]}" for tp in m.assignment)] for m in d.members],
+                         ["MEMBER-ID", "CLIENT-ID", "SUBSCRIPTION", "ASSIGNMENT"])
+        return 0
+    finally:
+        cluster.shutdown()
+
+
+def reset_targets(desc, how: str, offset: int | None) -> dict[int, tuple[int, int]]:
+    """{partition: (new offset, clamped from)} for `topics describe` output `desc`: earliest = log
+    start, latest = last stable offset, offset = N clamped into [log start, last stable offset]."""
+    out = {}
+    for p in desc.partitions:
+        lo, hi = p.log_start_offset, p.last_stable_offset
+        if lo is None or hi is None or lo < 0 or hi < 0:
+            raise CliError(f"partition {desc.name}-{p.partition} has no leader right now; try again",
+                           "LEADER_NOT_AVAILABLE")
+        want = lo if how == "earliest" else hi if how == "latest" else int(offset)
+        out[p.partition] = (min(max(want, lo), hi), want)
+    return out
+
+
+def cmd_groups_reset_offsets(args) -> int:
+    how = "earliest" if args.to_earliest else "latest" if args.to_latest else "offset"
+    if how == "offset" and args.to_offset < 0:
+        raise CliError("--to-offset must be >= 0", "INVALID_REQUEST")
+    cluster = _connect(args)
+    try:
+        admin = cluster.admin()
+        desc, tps = _topic_partitions(admin, args.topic, args.partition)
+        plan = reset_targets(desc, how, args.to_offset)
+        offsets = {tp: plan[tp.partition][0] for tp in tps}
+        current = admin.describe_group(args.group_id)
+        before = {(p.topic, p.partition): p.committed for p in current.partitions}
+        if not args.dry_run:
+            admin.reset_offsets(args.group_id, offsets)   # NON_EMPTY_GROUP while members are live
+        elif current.members:
+            print(f"note: group {args.group_id!r} has {len(current.members)} live member(s): a real reset "
+                  f"would be refused", file=sys.stderr)
+        rows = []
+        for tp in tps:
+            new, wanted = plan[tp.partition]
+            old = before.get((tp.topic, tp.partition))
+            rows.append([tp.topic, tp.partition, "-" if old is None else old, new,
+                         f"clamped from {wanted}" if new != wanted else ""])
+        _print_table(rows, ["TOPIC", "PARTITION", "OLD-OFFSET", "NEW-OFFSET", "NOTE"])
+        verb = "would reset (dry run)" if args.dry_run else "reset"
+        print(f"{verb} offsets of group {args.group_id!r} for {len(tps)} partition(s) of {args.topic!r}")
+        return 0
+    finally:
+        cluster.shutdown()
+
+
 def _to_bytes(v: Any, what: str, lineno: int) -> bytes | None:
     if v is None:
         return None
@@ -626,7 +737,7 @@ def cmd_verify(args) -> int:
         out = run_verify(workload=args.workload, seconds=args.seconds, seed=args.seed, report_path=args.report,
                          faults=args.faults, data_dir=getattr(args, "data_dir", None), address=address,
                          namespace=getattr(args, "namespace", "ray_broker"), fault_interval=args.fault_interval,
-                         producers=args.producers, history_path=args.history)
+                         producers=args.producers, history_path=args.history, nodes=args.nodes)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return 0 if out["valid"] else 1
@@ -738,6 +849,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("transactional_id")
     c.set_defaults(func=cmd_transactions_abort)
 
+    g = sub.add_parser("groups", parents=[common], help="list, describe consumer groups; reset their offsets",
+                       description="Consumer group tooling (like kafka-consumer-groups.sh).")
+    gsub = g.add_subparsers(dest="groups_command", metavar="SUBCOMMAND")
+    gsub.required = True
+    c = gsub.add_parser("list", parents=[common], help="list consumer groups",
+                        description="Every consumer group the group coordinators know, with state and assignor.")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_groups_list)
+    c = gsub.add_parser("describe", parents=[common], help="members, assignment, offsets and lag of a group",
+                        description="State, generation and members of a group and, per partition, the committed "
+                                    "offset, the last stable offset (what read_committed consumers can reach), "
+                                    "the lag between them, whether transactional offsets are pending, and the "
+                                    "owning member.")
+    c.add_argument("group_id")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_groups_describe)
+    c = gsub.add_parser("reset-offsets", parents=[common], help="set a group's committed offsets",
+                        description="Set the committed offsets of a group for a topic (all partitions, or "
+                                    "--partition): to the log start (--to-earliest), the last stable offset "
+                                    "(--to-latest) or an offset (--to-offset N, clamped into the log's range). "
+                                    "Refused (NON_EMPTY_GROUP) while the group has live members.")
+    c.add_argument("group_id")
+    c.add_argument("--topic", required=True, help="topic whose offsets to reset")
+    c.add_argument("--partition", type=int, default=None, help="only this partition")
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument("--to-earliest", action="store_true", help="the log start offset")
+    how.add_argument("--to-latest", action="store_true", help="the last stable offset (end of committed data)")
+    how.add_argument("--to-offset", type=int, metavar="N", help="offset N")
+    c.add_argument("--dry-run", action="store_true", help="print the new offsets without setting them")
+    c.set_defaults(func=cmd_groups_reset_offsets)
+
     s = sub.add_parser("produce", parents=[common], help="produce lines from stdin (acks=all)",
                        description="Read records from stdin, one per line, and produce them with acks=all. Each "
                                    "line is a value; with --key-separator SEP, `key SEP value`; with --json, an "
@@ -779,13 +921,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", parents=[common], help="Jepsen-style verification run (workloads + faults + checker)",
                        description="Run verification workloads (queue: idempotent producers; txn: transactional "
-                                   "producers; all: both) with read_committed / read_uncommitted consumers while a "
+                                   "producers; copier: consumer-group read-process-write transactions; all: every one) with read_committed / read_uncommitted consumers while a "
                                    "nemesis injects faults, then read every partition back and check the history "
                                    "for lost writes, duplicates, aborted / dirty reads, skips, inconsistent offsets "
-                                   "and torn transactions. Without --address / RAY_ADDRESS it runs on its own "
+                                   "torn transactions and lost / duplicated copier offset commits. Without --address / RAY_ADDRESS it runs on its own "
                                    "embedded Ray + broker (data in --data-dir, default a temp dir). Prints the "
                                    "anomaly table; exit status 1 on any anomaly. See docs/verification.md.")
-    s.add_argument("--workload", default="all", help="queue, txn or all (comma-separated list allowed)")
+    s.add_argument("--workload", default="all", help="queue, txn, copier or all (comma-separated list allowed)")
     s.add_argument("--seconds", type=float, default=60.0, help="how long the workloads run (default 60)")
     s.add_argument("--seed", type=int, default=0, help="seed for the workloads and the fault schedule")
     s.add_argument("--report", default=None, metavar="FILE.json",
@@ -798,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kill_txn_coordinator, kill_controller, kill_client, pause)")
     s.add_argument("--fault-interval", type=float, default=5.0, help="mean seconds between faults (default 5)")
     s.add_argument("--producers", type=int, default=3, help="producers per workload (default 3)")
+    s.add_argument("--nodes", type=int, default=1,
+                   help="run on a multi-node ray.cluster_utils.Cluster of this many one-CPU nodes on this machine "
+                        "(embedded only; enables the remove_node / add_node faults; default 1)")
     s.add_argument("--attach", action="store_true",
                    help="run against the broker of the local head made by `ray-broker start` (no restart_cluster)")
     s.set_defaults(func=cmd_verify)

@@ -1,8 +1,9 @@
-"""`ray-broker` CLI end to end: start a local head with the CLI, run commands as subprocesses, stop it.
+"""`ray-broker` CLI end to end.
 
-The head is started by `ray-broker start` with its own temp dir and free ports, and its state file
-lives in a per-test RAY_BROKER_HOME, so this runs next to other Ray instances on the machine and
-stops only its own processes (also when a test fails).
+One test starts a local head with `ray-broker start` (own temp dir, free ports, state file in a
+per-test RAY_BROKER_HOME, so it runs next to other Ray instances and stops only its own processes)
+and drives it with real subprocesses: stdin, stdout, exit codes. The other commands run in-process
+through `main()` against the session's broker (a subprocess per command costs seconds each).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_no_cluster_is_a_clean_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
+def cli_head(tmp_path_factory):
     home = str(tmp_path_factory.mktemp("rb_home"))
     data = str(tmp_path_factory.mktemp("rb_data"))
     try:
@@ -93,76 +94,107 @@ def broker(tmp_path_factory):
                 os.environ["RAY_BROKER_HOME"] = old
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_topics_lifecycle(broker):
-    p = run_cli(["topics", "create", "cli-orders", "--partitions", "3", "--replication-factor", "2",
-                 "--config", "min.insync.replicas=2", "--config", "retention.ms=3600000"], home=broker)
+class InProcessCli:
+    """`ray-broker ARGS` through `main()` in this process, returning what a subprocess run would."""
+
+    def __init__(self, capsys, monkeypatch):
+        self.capsys, self.monkeypatch = capsys, monkeypatch
+
+    def __call__(self, args, stdin: str | None = None) -> subprocess.CompletedProcess:
+        import io
+
+        from ray_broker.cli.main import main
+
+        self.capsys.readouterr()
+        if stdin is not None:
+            self.monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture
+def cli(broker, capsys, monkeypatch):
+    return InProcessCli(capsys, monkeypatch)
+
+
+def test_topics_lifecycle(cli, topic_name):
+    name = topic_name
+    p = cli(["topics", "create", name, "--partitions", "3", "--replication-factor", "2",
+             "--config", "min.insync.replicas=2", "--config", "retention.ms=3600000"])
     assert p.returncode == 0, p.stderr
-    p = run_cli(["topics", "list"], home=broker)
-    assert p.returncode == 0 and "cli-orders" in p.stdout.split(), p.stderr
-    p = run_cli(["topics", "describe", "cli-orders"], home=broker)
+    p = cli(["topics", "list"])
+    assert p.returncode == 0 and name in p.stdout.split(), p.stderr
+    p = cli(["topics", "describe", name])
     assert p.returncode == 0, p.stderr
     assert "PartitionCount: 3" in p.stdout and "ReplicationFactor: 2" in p.stdout
     assert "min.insync.replicas=2" in p.stdout and "retention.ms=3600000" in p.stdout
-    p = run_cli(["topics", "describe", "cli-orders", "--json"], home=broker)
+    p = cli(["topics", "describe", name, "--json"])
     assert p.returncode == 0, p.stderr
     desc = json.loads(p.stdout)
     assert [q["partition"] for q in desc["partitions"]] == [0, 1, 2]
     assert all(len(q["replicas"]) == 2 for q in desc["partitions"])
 
-    assert_clean_error(run_cli(["topics", "create", "cli-orders"], home=broker), "TOPIC_ALREADY_EXISTS")
-    p = run_cli(["topics", "create", "cli-orders", "--if-not-exists"], home=broker)
+    assert_clean_error(cli(["topics", "create", name]), "TOPIC_ALREADY_EXISTS")
+    p = cli(["topics", "create", name, "--if-not-exists"])
     assert p.returncode == 0, p.stderr
 
-    p = run_cli(["status"], home=broker)
+    p = cli(["status"])
     assert p.returncode == 0, p.stderr
-    assert "controller epoch" in p.stdout and "cli-orders" in p.stdout and "FOLLOWER-LAG" in p.stdout
+    assert "controller epoch" in p.stdout and name in p.stdout and "FOLLOWER-LAG" in p.stdout
 
-    p = run_cli(["topics", "delete", "cli-orders"], home=broker)
+    p = cli(["topics", "delete", name])
     assert p.returncode == 0, p.stderr
-    p = run_cli(["topics", "list"], home=broker)
-    assert "cli-orders" not in p.stdout.split()
-    assert_clean_error(run_cli(["topics", "describe", "cli-orders"], home=broker), "UNKNOWN_TOPIC_OR_PARTITION")
+    p = cli(["topics", "list"])
+    assert name not in p.stdout.split()
+    assert_clean_error(cli(["topics", "describe", name]), "UNKNOWN_TOPIC_OR_PARTITION")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_produce_consume_round_trip(broker):
-    p = run_cli(["topics", "create", "cli-rt", "--partitions", "2"], home=broker)
+def test_started_head_serves_produce_and_consume_subprocesses(cli_head):
+    p = run_cli(["topics", "create", "cli-rt", "--partitions", "2"], home=cli_head)
     assert p.returncode == 0, p.stderr
     lines = [f"k{i}:value-{i}" for i in range(50)]
-    p = run_cli(["produce", "cli-rt", "--key-separator", ":"], home=broker, stdin="\n".join(lines) + "\n")
+    p = run_cli(["produce", "cli-rt", "--key-separator", ":"], home=cli_head, stdin="\n".join(lines) + "\n")
     assert p.returncode == 0, p.stderr
     assert "produced 50 record" in p.stdout
     p = run_cli(["consume", "cli-rt", "--from-beginning", "--max-messages", "50", "--timeout", "30",
-                 "--print-key", "--key-separator", ":"], home=broker)
+                 "--print-key", "--key-separator", ":"], home=cli_head)
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.splitlines()) == sorted(lines)
     assert "consumed 50 record" in p.stderr
+
+
+def test_produce_consume_formats_and_bad_input(cli, topic_name):
+    t = topic_name
+    assert cli(["topics", "create", t, "--partitions", "2", "--replication-factor", "1"]).returncode == 0
+    lines = [f"k{i}:value-{i}" for i in range(50)]
+    p = cli(["produce", t, "--key-separator", ":"], stdin="\n".join(lines) + "\n")
+    assert p.returncode == 0, p.stderr
     # kafka-console-consumer spelling
-    p = run_cli(["consume", "cli-rt", "--from-beginning", "--max-messages", "50",
-                 "--timeout", "30", "--property", "print.key=true", "--property", "key.separator=:"], home=broker)
+    p = cli(["consume", t, "--from-beginning", "--max-messages", "50",
+             "--timeout", "30", "--property", "print.key=true", "--property", "key.separator=:"])
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.splitlines()) == sorted(lines)
 
     # JSON in and out, explicit partition, headers
     records = [{"key": "a", "value": "x", "headers": {"h": "1"}, "partition": 1}, {"value": "no-key"}]
-    p = run_cli(["produce", "cli-rt", "--json"], home=broker, stdin="\n".join(json.dumps(r) for r in records))
+    p = cli(["produce", t, "--json"], stdin="\n".join(json.dumps(r) for r in records))
     assert p.returncode == 0, p.stderr
-    p = run_cli(["consume", "cli-rt", "--partition", "1", "--from-beginning", "--json", "--timeout", "5",
-                 "--isolation-level", "read_uncommitted"], home=broker)
+    p = cli(["consume", t, "--partition", "1", "--from-beginning", "--json", "--timeout", "5",
+             "--isolation-level", "read_uncommitted"])
     assert p.returncode == 0, p.stderr
     out = [json.loads(ln) for ln in p.stdout.splitlines()]
-    assert all(r["partition"] == 1 for r in out)
+    assert out and all(r["partition"] == 1 for r in out)
     assert any(r["key"] == "a" and r["value"] == "x" and r["headers"] == [["h", "1"]] for r in out), out
 
     # bad input: one clear line, exit 2
-    assert_clean_error(run_cli(["produce", "cli-rt", "--key-separator", ":"], home=broker, stdin="no separator\n"),
-                       "INVALID_RECORD")
-    assert_clean_error(run_cli(["produce", "cli-rt", "--json"], home=broker, stdin="[1, 2]\n"), "INVALID_RECORD")
-    assert_clean_error(run_cli(["consume", "no-such-topic", "--timeout", "1"], home=broker),
-                       "UNKNOWN_TOPIC_OR_PARTITION")
-    assert_clean_error(run_cli(["topics", "create", "cli-bad", "--config", "no.such.key=1"], home=broker),
-                       "INVALID_CONFIG")
-    assert_clean_error(run_cli(["topics", "create", "bad name!"], home=broker), "INVALID_TOPIC_EXCEPTION")
+    assert_clean_error(cli(["produce", t, "--key-separator", ":"], stdin="no separator\n"), "INVALID_RECORD")
+    assert_clean_error(cli(["produce", t, "--json"], stdin="[1, 2]\n"), "INVALID_RECORD")
+    assert_clean_error(cli(["consume", "no-such-topic", "--timeout", "1"]), "UNKNOWN_TOPIC_OR_PARTITION")
+    assert_clean_error(cli(["topics", "create", f"{t}-bad", "--config", "no.such.key=1"]), "INVALID_CONFIG")
+    assert_clean_error(cli(["topics", "create", "bad name!"]), "INVALID_TOPIC_EXCEPTION")
