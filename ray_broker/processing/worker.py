@@ -521,6 +521,12 @@ class PipelineWorkerActor:
     def ping(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        """This worker's process id (operators and fault tests pause or inspect it)."""
+        import os
+
+        return os.getpid()
+
 
 def _remote_class():
     import ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import threading
 import time
 
@@ -15,7 +16,7 @@ import ray
 
 import ray_broker as rb
 from ray_broker.processing import ExactlyOncePipeline, IntSerde, copy_records
-from tests.helpers import wait_for
+from tests.helpers import leader_of, replica, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,7 +86,7 @@ def test_copier_exactly_once_while_a_worker_is_killed_and_restarted(broker, topi
     admin = broker.admin()
     src, dst = f"{topic_name}-in", f"{topic_name}-out"
     admin.create_topic(src, partitions=3, replication_factor=2)
-    admin.create_topic(dst, partitions=2, replication_factor=1)    # every replica is a process: keep it small
+    admin.create_topic(dst, partitions=2, replication_factor=2)
     pipeline = ExactlyOncePipeline(broker, [src], dst, copy_records, group_id=f"copier-{topic_name}", workers=2,
                                    commit_interval_ms=100, consumer_config=FAST_GROUP,
                                    producer_config={"transaction_timeout_ms": 10_000})
@@ -100,6 +101,15 @@ def test_copier_exactly_once_while_a_worker_is_killed_and_restarted(broker, topi
         at_restart = committed_total(pipeline)
         wait_for(lambda: committed_total(pipeline) >= at_restart + 200, timeout=60,
                  what="progress after the restart")
+        # partition leaders die under the copier: an input leader and an output leader
+        for topic in (src, dst):
+            old = leader_of(admin, topic, 0)
+            ray.kill(replica(topic, 0, old))
+            wait_for(lambda t=topic, o=old: leader_of(admin, t, 0) not in (None, o), timeout=30,
+                     what=f"a new leader for {topic}/0")
+        at_kill = committed_total(pipeline)
+        wait_for(lambda: committed_total(pipeline) >= at_kill + 200, timeout=60,
+                 what="progress after the leader kills")
         writer.stop_event.set()
         writer.join(timeout=60)
         assert writer.error is None, writer.error
@@ -118,6 +128,51 @@ def test_copier_exactly_once_while_a_worker_is_killed_and_restarted(broker, topi
     assert sorted(values) == sorted(writer.acked), (len(values), len(writer.acked))
     # keys were copied with their records
     assert all(k == b"k-%d" % (int(v[2:]) % 37) for k, v in out)
+
+
+def test_paused_worker_resumes_as_a_zombie_and_cannot_commit(broker, topic_name):
+    """SIGSTOP a worker past its session timeout: the group gives its partitions to the other
+    worker; resumed, the zombie's transaction (output + offsets, generation-fenced as in KIP-447)
+    must not commit anything. The read_committed output holds every input exactly once."""
+    admin = broker.admin()
+    src, dst = f"{topic_name}-in", f"{topic_name}-out"
+    admin.create_topic(src, partitions=2, replication_factor=1)
+    admin.create_topic(dst, partitions=2, replication_factor=1)
+    pipeline = ExactlyOncePipeline(broker, [src], dst, copy_records, group_id=f"zombie-{topic_name}", workers=2,
+                                   # a long interval: the pause lands inside an open transaction
+                                   commit_interval_ms=1000, consumer_config=FAST_GROUP,
+                                   producer_config={"transaction_timeout_ms": 30_000})
+    writer = Writer(broker, src)
+    pipeline.start()
+    pid = None
+    try:
+        writer.start()
+        wait_for(lambda: committed_total(pipeline) >= 200, timeout=60, what="the copier to make progress")
+        pid = ray.get(pipeline.worker_handle(0).pid.remote(), timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        paused = committed_total(pipeline)
+        # the other worker takes the partitions over once the session times out, and progresses
+        wait_for(lambda: committed_total(pipeline) >= paused + 300, timeout=60,
+                 what="the surviving worker to take over the paused worker's partitions")
+        os.kill(pid, signal.SIGCONT)
+        pid = None
+        resumed = committed_total(pipeline)
+        wait_for(lambda: committed_total(pipeline) >= resumed + 200, timeout=60, what="progress after the resume")
+        writer.stop_event.set()
+        writer.join(timeout=60)
+        assert writer.error is None, writer.error
+        pipeline.wait_until_consumed(timeout=60)
+        stats = pipeline.stop()
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        writer.stop_event.set()
+        pipeline.stop(timeout=30)
+    assert pipeline.error is None, pipeline.error
+    values = [v for _, v in read_committed_values(broker, dst)]
+    assert len(values) == len(set(values)), "duplicates in the read_committed output"
+    assert sorted(values) == sorted(writer.acked), (len(values), len(writer.acked))
+    assert {s["status"] for s in stats} == {"stopped"}, stats
 
 
 def test_stateful_pipeline_aborts_on_a_failing_function_and_scales_out(broker, topic_name, tmp_path):
