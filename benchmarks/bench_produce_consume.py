@@ -1,7 +1,7 @@
 """Produce/consume throughput and latency of ray_broker (in the spirit of kafka-producer-perf-test).
 
     python benchmarks/bench_produce_consume.py            # full run (about a minute on 2 cores)
-    python benchmarks/bench_produce_consume.py --smoke    # tiny counts and 2 partitions: seconds plus Ray start-up
+    python benchmarks/bench_produce_consume.py --smoke    # tiny counts, 1 partition, RF 1: seconds plus Ray start-up
 
 Setup: an embedded broker (`rb.connect`, data in a fresh temp dir), one topic of 6 partitions per
 replication factor (1 and 3; min.insync.replicas 1), records of a 16-byte key and a 100-byte value,
@@ -23,44 +23,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from a checkout
+import benchlib as bl  # noqa: E402
 import ray_broker as rb  # noqa: E402
-
-def connect_embedded(data_dir: str, namespace: str = "ray_broker"):
-    """An embedded broker on a NEW local Ray instance (same as `rb.connect(data_dir=...)`), but with
-    `ray.init(address="local")`: a bare `ray.init()` attaches to whatever cluster
-    /tmp/ray/ray_current_cluster names (e.g. another `ray start` on this machine)."""
-    import ray
-
-    ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, configure_logging=False)
-    rb.deploy(namespace, data_dir)
-    return rb.connect(namespace=namespace)
-
-
-def shutdown_embedded(cluster) -> None:
-    import ray
-
-    cluster.shutdown()
-    try:
-        ray.get(cluster.controller.shutdown_broker.remote(), timeout=10)
-    except Exception:  # noqa: BLE001
-        pass
-    ray.shutdown()
-
+from ray_broker.testing import datagen  # noqa: E402
 
 KEY_BYTES = 16
 VALUE_BYTES = 100
@@ -75,10 +50,7 @@ def pct(samples: list[float], q: float) -> float | None:
 
 
 def make_batch(start: int, rows: int) -> pa.RecordBatch:
-    ids = range(start, start + rows)
-    keys = pa.array([b"k%015d" % i for i in ids], pa.binary())
-    values = pa.array([b"%012d" % i + b"v" * (VALUE_BYTES - 12) for i in ids], pa.binary())
-    return pa.RecordBatch.from_arrays([keys, values], ["key", "value"])
+    return datagen.kv_batch(start, rows, KEY_BYTES, VALUE_BYTES)
 
 
 class Latencies:
@@ -111,8 +83,7 @@ def bench_send_batch(producer, topic: str, records: int, batch_rows: int) -> dic
 
 
 def bench_send(producer, topic: str, records: int) -> dict:
-    keys = [b"s%015d" % i for i in range(records)]
-    values = [b"%012d" % i + b"s" * (VALUE_BYTES - 12) for i in range(records)]
+    keys, values = datagen.kv_lists(0, records, KEY_BYTES, VALUE_BYTES, prefix=b"s", fill=b"s")
     lat = Latencies()
     t0 = time.perf_counter()
     for k, v in zip(keys, values):
@@ -126,12 +97,13 @@ def bench_one_in_flight(producer, topic: str, calls: int, rows: int) -> dict:
     """Closed loop: each call waits for its acknowledgement before the next (latency without queueing).
     rows == 1 uses send(), otherwise send_batch() of `rows` rows."""
     batch = make_batch(10**9, rows) if rows > 1 else None
+    lkeys, lvalues = datagen.kv_lists(0, calls, KEY_BYTES, VALUE_BYTES, prefix=b"l", fill=b"l")
     lat = Latencies()
     t0 = time.perf_counter()
     for i in range(calls):
         started = time.perf_counter()
         if batch is None:
-            fut = producer.send(topic, value=b"%012d" % i + b"l" * (VALUE_BYTES - 12), key=b"l%015d" % i)
+            fut = producer.send(topic, value=lvalues[i], key=lkeys[i])
         else:
             fut = producer.send_batch(topic, batch)
         fut.result(timeout=120)
@@ -167,77 +139,75 @@ def bench_consume(cluster, topic: str, partitions: int, expect: int, timeout_s: 
             "arrow_mb_per_s": round(nbytes / elapsed / 1e6, 2)}
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny counts: checks the benchmark runs, in seconds")
     ap.add_argument("--records", type=int, default=300_000, help="records per send_batch run (default 300000)")
     ap.add_argument("--send-records", type=int, default=30_000, help="records per send() run (default 30000)")
     ap.add_argument("--batch-rows", type=int, default=10_000, help="rows per Arrow batch (default 10000)")
-    ap.add_argument("--latency-calls", type=int, default=100,
-                    help="calls of each kind in the one-in-flight latency runs (default 100)")
-    ap.add_argument("--partitions", type=int, default=None, help="partitions per topic (default 6; smoke: 2)")
-    ap.add_argument("--replication-factors", default="1,3", help="comma-separated (default 1,3)")
+    ap.add_argument("--latency-calls", type=int, default=30,
+                    help="calls of each kind in the one-in-flight latency runs (default 30)")
+    ap.add_argument("--partitions", type=int, default=None, help="partitions per topic (default 6; smoke: 1)")
+    ap.add_argument("--replication-factors", default=None, help="comma-separated (default 1,3; smoke: 1)")
     ap.add_argument("--data-dir", default=None, help="broker data dir (default: a fresh temp dir, removed after)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(cluster, argv) -> dict:
+    """The benchmark on a broker given to it (see benchlib's script protocol); returns the JSON object."""
+    args = parser().parse_args(argv)
     if args.smoke:
         args.records, args.send_records, args.batch_rows, args.latency_calls = 2_000, 300, 500, 5
     if args.partitions is None:
-        args.partitions = 2 if args.smoke else 6  # smoke: fewer replica actors to start
+        args.partitions = 1 if args.smoke else 6  # smoke: fewer replica actors to start
+    if args.replication_factors is None:
+        args.replication_factors = "1" if args.smoke else "1,3"   # smoke: W1 covers RF 3
     rfs = [int(x) for x in args.replication_factors.split(",") if x.strip()]
-
-    tmp = None
-    data_dir = args.data_dir
-    if data_dir is None:
-        tmp = data_dir = tempfile.mkdtemp(prefix="ray_broker_bench_")
     t_start = time.perf_counter()
-    cluster = connect_embedded(data_dir)
     results = {}
-    try:
-        admin = cluster.admin()
-        for rf in rfs:
-            topic = f"bench-rf{rf}"
-            admin.create_topic(topic, partitions=args.partitions, replication_factor=rf,
-                               config={"min.insync.replicas": 1})
+    for rf in rfs:
+        with bl.topic(cluster, f"bench-rf{rf}", args.partitions, rf, {"min.insync.replicas": 1}) as topic:
             producer = cluster.producer({"acks": "all"})
-            log(f"rf={rf}: send_batch {args.records} records ...")
-            r_batch = bench_send_batch(producer, topic, args.records, args.batch_rows)
-            log(f"rf={rf}: send() {args.send_records} records ...")
-            r_send = bench_send(producer, topic, args.send_records)
-            log(f"rf={rf}: one call in flight: {args.latency_calls} x send_batch({args.batch_rows}), "
-                f"{args.latency_calls} x send() ...")
-            r_batch1 = bench_one_in_flight(producer, topic, args.latency_calls, args.batch_rows)
-            r_send1 = bench_one_in_flight(producer, topic, args.latency_calls, 1)
-            producer.close()
+            try:
+                log(f"rf={rf}: send_batch {args.records} records ...")
+                r_batch = bench_send_batch(producer, topic, args.records, args.batch_rows)
+                log(f"rf={rf}: send() {args.send_records} records ...")
+                r_send = bench_send(producer, topic, args.send_records)
+                log(f"rf={rf}: one call in flight: {args.latency_calls} x send_batch({args.batch_rows}), "
+                    f"{args.latency_calls} x send() ...")
+                r_batch1 = bench_one_in_flight(producer, topic, args.latency_calls, args.batch_rows)
+                r_send1 = bench_one_in_flight(producer, topic, args.latency_calls, 1)
+            finally:
+                producer.close()
             log(f"rf={rf}: consume ...")
             total = args.records + args.send_records + args.latency_calls * (args.batch_rows + 1)
             r_cons = bench_consume(cluster, topic, args.partitions, total)
             results[f"rf{rf}"] = {"send_batch": r_batch, "send": r_send, "send_batch_1_in_flight": r_batch1,
                                   "send_1_in_flight": r_send1, "consume": r_cons}
-    finally:
-        shutdown_embedded(cluster)
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    import pyarrow
-    import ray
-
-    out = {
+    errors = sum(r[m].get("errors", 0) for r in results.values() for m in r)
+    short = sum(r["consume"]["records"] != r["consume"]["expected"] for r in results.values())
+    env = bl.machine()
+    return {
         "benchmark": "produce_consume",
+        "workload": "W1/W3/W4 (non-transactional)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "smoke": args.smoke,
+        "ok": not errors and not short,
         "settings": {"partitions": args.partitions, "replication_factors": rfs, "key_bytes": KEY_BYTES,
                      "value_bytes": VALUE_BYTES, "acks": "all", "records": args.records,
                      "send_records": args.send_records, "batch_rows": args.batch_rows,
                      "latency_calls": args.latency_calls,
                      "isolation_level": "read_committed", "min_insync_replicas": 1},
-        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
-                        "pyarrow": pyarrow.__version__, "ray_broker": rb.__version__},
+        "environment": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": env["ray"],
+                        "pyarrow": env["pyarrow"], "ray_broker": rb.__version__, **env},
         "results": results,
+        "targets": [],
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
-    print(json.dumps(out), flush=True)
-    errors = sum(r[m].get("errors", 0) for r in results.values() for m in r)
-    short = sum(r["consume"]["records"] != r["consume"]["expected"] for r in results.values())
-    return 1 if errors or short else 0
+
+
+def main(argv=None) -> int:
+    return bl.script_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,9 @@ class PartitionReplicaActor:
         deadline = time.monotonic() + PREDECESSOR_WAIT_S
         while True:
             expected = self.producers.expected_sequence(producer_id, producer_epoch)
-            if expected is None or not 0 < (base_sequence - expected) % SEQUENCE_WRAP < 2**30:
+            if expected is None:
+                expected = 0     # a producer (or epoch) new to this partition starts at sequence 0
+            if not 0 < (base_sequence - expected) % SEQUENCE_WRAP < 2**30:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.role != LEADER:

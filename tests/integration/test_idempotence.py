@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import pyarrow as pa
 import pytest
@@ -25,6 +26,22 @@ def test_resent_batch_is_appended_once_with_original_offsets(broker, topic_name)
     assert (again.base_offset, again.duplicate) == (first.base_offset, True)
     assert ray.get(leader.list_offset.remote("latest")) == 3
     assert ray.get(leader.producer_state.remote())["duplicates_dropped"] == 1
+
+
+def test_a_new_producers_second_batch_arriving_first_waits_for_the_first(broker, topic_name):
+    # Ray does not keep call order on async actors: a brand-new producer's pipelined batches can
+    # reach the leader out of order. The second (sequence 2) must wait for sequence 0, not be
+    # refused as an unknown producer (which aborted a new transactional producer's first transaction).
+    admin = broker.admin()
+    admin.create_topic(topic_name)
+    leader = replica(topic_name, 0, 0)
+    pid = ray.get(broker.controller.allocate_producer_ids.remote(1))
+    second = leader.produce.remote(stored_batch([b"c"]), -1, 5000, pid, 0, 2)
+    time.sleep(0.1)                                   # the second is already waiting at the leader
+    first = leader.produce.remote(stored_batch([b"a", b"b"]), -1, 5000, pid, 0, 0)
+    r1, r2 = ray.get([first, second], timeout=30)
+    assert (r1.base_offset, r2.base_offset) == (0, 2)
+    assert [v for _, _, v in read_partition(broker, topic_name, 0)] == [b"a", b"b", b"c"]
 
 
 def test_client_retry_after_lost_response_is_deduplicated(broker, topic_name):

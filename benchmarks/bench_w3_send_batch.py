@@ -1,0 +1,96 @@
+"""W3: `producer.send_batch()` of Arrow batches, transactional, a commit every 100 ms, RF 1 and 3.
+
+    python benchmarks/bench_w3_send_batch.py            # 10 s per replication factor
+    python benchmarks/bench_w3_send_batch.py --smoke
+
+One topic per replication factor (`--partitions` 6; min.insync.replicas min(2, RF)). Batches of
+`--batch-rows` rows (default 60,000: 16-byte key + 100-byte value = 6.96 MB of payload, 7.2 MB of
+Arrow buffers, under the 8 MiB max.message.bytes), pre-built (`datagen.kv_batch`), keyed, so
+send_batch() splits each over the partitions by murmur2 (about 1.2 MB per partition per batch). A
+transactional producer (acks=all, batch.size 1 MiB, linger.ms 5) loops: begin_transaction();
+send_batch() for `--commit-interval-ms`; commit_transaction(); for `--seconds`.
+
+Figures per RF: records_per_s and mb_per_s = committed records / wall time (commits included),
+commit latency p50/p99/max. Targets (issue 7): >= 3M records/s at RF 1, >= 1M at RF 3.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+from ray_broker.testing import datagen  # noqa: E402
+
+FULL = {"seconds": 10.0, "partitions": 6, "replication_factors": "1,3", "commit_interval_ms": 100,
+        "batch_rows": 60_000, "pool_batches": 6}
+SMOKE = {"seconds": 0.5, "partitions": 1, "replication_factors": "1", "commit_interval_ms": 100,
+         "batch_rows": 500, "pool_batches": 2}
+TARGETS = {1: 3_000_000, 3: 1_000_000}
+
+
+def parser():
+    ap = bl.base_parser(__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, help="run this long per RF (default 10)")
+    ap.add_argument("--partitions", type=int, help="partitions (default 6)")
+    ap.add_argument("--replication-factors", help="comma-separated (default 1,3)")
+    ap.add_argument("--commit-interval-ms", type=int, help="transaction length (default 100)")
+    ap.add_argument("--batch-rows", type=int, help="rows per Arrow batch handed to send_batch (default 60000)")
+    ap.add_argument("--pool-batches", type=int, help="distinct pre-built batches, cycled (default 6)")
+    return ap
+
+
+def produce_txn_batches(cluster, name: str, batches: list, seconds: float, commit_interval_s: float,
+                        max_records: int | None = None, prefix: str = "w3") -> "bl.TxnLoop":
+    """Transactional send_batch loop (shared with W4 and W7)."""
+    producer = cluster.producer(acks="all", transactional_id=bl.unique(prefix))
+    try:
+        producer.init_transactions()
+        pos = [0]
+
+        def step() -> int:
+            b = batches[pos[0] % len(batches)]
+            pos[0] += 1
+            producer.send_batch(name, b)
+            return b.num_rows
+
+        loop = bl.TxnLoop(producer, commit_interval_s)
+        loop.run(step, seconds, max_records)
+    finally:
+        producer.close()
+    return loop
+
+
+def run(cluster, argv) -> dict:
+    args = bl.finish_args(parser().parse_args(argv), FULL, SMOKE)
+    t_start = time.perf_counter()
+    rfs = bl.ints(args.replication_factors)
+    batches = [datagen.kv_batch(i * args.batch_rows, args.batch_rows) for i in range(args.pool_batches)]
+    rec_bytes = datagen.record_bytes()
+    results, targets = {}, []
+    for rf in rfs:
+        with bl.topic(cluster, f"w3-rf{rf}", args.partitions, rf) as name:
+            bl.log(f"W3 rf={rf}: transactional send_batch({args.batch_rows} rows) for {args.seconds} s ...")
+            loop = produce_txn_batches(cluster, name, batches, args.seconds, args.commit_interval_ms / 1000.0)
+            r = loop.figures(rec_bytes)
+            r["errors"] = 0
+            results[f"rf{rf}"] = {"txn_send_batch": r}
+            bl.log(f"W3 rf={rf}: {r}")
+            if rf in TARGETS:
+                targets.append(bl.target(f"W3 txn send_batch rf{rf} >= {TARGETS[rf] / 1e6:g}M records/s",
+                                         r["records_per_s"], ">=", TARGETS[rf], "records/s"))
+    settings = {"partitions": args.partitions, "replication_factors": rfs, "seconds": args.seconds,
+                "commit_interval_ms": args.commit_interval_ms, "batch_rows": args.batch_rows,
+                "batch_payload_bytes": args.batch_rows * rec_bytes, "batch_arrow_bytes": batches[0].nbytes,
+                "key_bytes": datagen.KEY_BYTES, "value_bytes": datagen.VALUE_BYTES, "acks": "all",
+                "transactional": True, "producer_batch_size": 1048576, "linger_ms": 5}
+    return bl.result("w3_send_batch", "W3", args, settings, results, targets, t_start)
+
+
+def main(argv=None) -> int:
+    return bl.script_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""Shared plumbing of the benchmark scripts (not a benchmark itself: run_all only runs bench_*.py).
+
+Every `bench_*.py` script follows one protocol so that `run_all.py` can run them either as separate
+processes (one Ray each) or all inside ONE process on one embedded Ray (`run_all.py --smoke`):
+
+    def run(cluster, argv: list[str]) -> dict    # the figures (one JSON object), on a broker given to it
+    def main(argv=None) -> int                    # own embedded Ray + broker, prints ONE JSON line
+
+`script_main(run, argv)` implements `main` for them. Options common to all scripts: `--smoke`
+(tiny sizes, seconds), `--data-dir`. Records come from `ray_broker.testing.datagen`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _p in (REPO, HERE):   # run from a checkout: `python benchmarks/bench_x.py`
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+import ray_broker as rb  # noqa: E402
+
+NAMESPACE = "ray_broker"
+
+# Actor classes below are shipped to Ray workers by value: this module is not importable there.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ------------------------------------------------------------------------------------------ basics
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def r3(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 3)
+
+
+def percentiles_ms(samples_s, qs=(50, 90, 99, 99.9)) -> dict:
+    """{"p50_ms": .., "p90_ms": .., "p99_ms": .., "p999_ms": .., "max_ms": ..} of samples in seconds."""
+    a = np.asarray(samples_s, dtype=np.float64) * 1000.0
+    out = {}
+    for q in qs:
+        key = "p" + (str(q).replace(".", "") if q != int(q) else str(int(q))) + "_ms"
+        out[key] = r3(np.percentile(a, q)) if a.size else None
+    out["max_ms"] = r3(a.max()) if a.size else None
+    out["samples"] = int(a.size)
+    return out
+
+
+def rate(records: float, seconds: float) -> float:
+    return round(records / seconds, 1) if seconds > 0 else 0.0
+
+
+def mb_per_s(nbytes: float, seconds: float) -> float:
+    return round(nbytes / seconds / 1e6, 2) if seconds > 0 else 0.0
+
+
+def machine() -> dict:
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    import pyarrow
+
+    return {"nproc": os.cpu_count(), "cpu_model": model, "mem_gib": mem_gib,
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__, "ray_broker": rb.__version__}
+
+
+def target(name: str, value, op: str, threshold, unit: str = "") -> dict:
+    """One target of issue 7: value `op` threshold ('>=' or '<=')."""
+    met = None
+    if value is not None:
+        met = bool(value >= threshold) if op == ">=" else bool(value <= threshold)
+    return {"target": name, "value": value, "op": op, "threshold": threshold, "unit": unit, "met": met}
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _proc_kb(pid: int, path: str, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/{path}") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def pss_mb(pid: int) -> float | None:
+    """Proportional set size of a process from /proc/<pid>/smaps_rollup, MB (MiB)."""
+    kb = _proc_kb(pid, "smaps_rollup", "Pss")
+    return None if kb is None else round(kb / 1024, 1)
+
+
+def rss_mb(pid: int) -> float | None:
+    kb = _proc_kb(pid, "smaps_rollup", "Rss")
+    return None if kb is None else round(kb / 1024, 1)
+
+
+def actor_pid(handle) -> int:
+    return int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=60))
+
+
+@ray.remote(num_cpus=0)
+class BareActor:
+    """The baseline of the memory benchmark: a Ray actor that does nothing."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# ------------------------------------------------------------------------------------------ broker
+def start_embedded(data_dir: str | None = None, config: dict | None = None):
+    """A NEW local Ray (never an existing cluster) with a broker; returns (cluster, temp dir or None)."""
+    tmp = None
+    if data_dir is None:
+        tmp = data_dir = tempfile.mkdtemp(prefix="ray_broker_bench_")
+    for attempt in range(2):
+        try:
+            ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=False, configure_logging=False)
+            break
+        except Exception as exc:  # noqa: BLE001 - "node timed out during startup" on an overloaded machine
+            ray.shutdown()
+            if attempt:
+                if tmp:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log(f"ray.init failed ({exc}); retrying once")
+            time.sleep(5)
+    rb.deploy(NAMESPACE, data_dir, config)
+    return rb.connect(namespace=NAMESPACE), tmp
+
+
+def stop_embedded(cluster, tmp: str | None) -> None:
+    try:
+        cluster.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        ray.get(cluster.controller.shutdown_broker.remote(), timeout=10)
+    except Exception:  # noqa: BLE001
+        pass
+    ray.shutdown()
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def topic(cluster, prefix: str, partitions: int, replication_factor: int, config: dict | None = None,
+          schema=None):
+    """A fresh topic, deleted afterwards (every replica is an actor process: keep few alive)."""
+    name = unique(prefix)
+    cfg = {"min.insync.replicas": min(2, replication_factor)}
+    cfg.update(config or {})
+    admin = cluster.admin()
+    admin.create_topic(name, partitions=partitions, replication_factor=replication_factor, config=cfg,
+                       schema=schema)
+    try:
+        yield name
+    finally:
+        try:
+            admin.delete_topic(name)
+        except Exception as exc:  # noqa: BLE001
+            log(f"could not delete topic {name}: {exc}")
+
+
+def high_watermarks(cluster, name: str) -> list[int]:
+    return [p.high_watermark for p in cluster.admin().describe_topic(name).partitions]
+
+
+def wait_stable(cluster, name: str, timeout_s: float = 60.0) -> None:
+    """Until every partition's last stable offset equals its high watermark (markers written)."""
+    admin = cluster.admin()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        parts = admin.describe_topic(name).partitions
+        if all(p.last_stable_offset == p.high_watermark >= 0 for p in parts):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"topic {name} not stable after {timeout_s} s")
+
+
+def consume_all(cluster, name: str, partitions: int, isolation: str = "read_committed",
+                timeout_s: float = 300.0, record_bytes: int | None = None) -> dict:
+    """Read `name` from the beginning up to its end offsets (as of the start) with one consumer,
+    manually assigned to every partition; throughput figures. MB/s counts `record_bytes` per record
+    (payload), arrow_mb_per_s the bytes of the Arrow batches received (offset and timestamp included)."""
+    tps = [rb.TopicPartition(name, p) for p in range(partitions)]
+    consumer = cluster.consumer(isolation_level=isolation, auto_offset_reset="earliest")
+    try:
+        consumer.assign(tps)
+        consumer.seek_to_beginning(tps)
+        end = consumer.end_offsets(tps)
+        records = nbytes = polls = 0
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        todo = [tp for tp in tps if consumer.position(tp) < end[tp]]
+        while todo and time.monotonic() < deadline:
+            for _, batch in consumer.poll(timeout=1.0).items():
+                records += batch.num_rows
+                nbytes += batch.nbytes
+            polls += 1
+            todo = [tp for tp in todo if consumer.position(tp) < end[tp]]
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        out = {"records": records, "seconds": r3(elapsed), "records_per_s": rate(records, elapsed),
+               "arrow_mb_per_s": mb_per_s(nbytes, elapsed), "polls": polls, "complete": not todo}
+        if record_bytes:
+            out["mb_per_s"] = mb_per_s(records * record_bytes, elapsed)
+        return out
+    finally:
+        consumer.close()
+
+
+# ------------------------------------------------------------------------------------------ produce loops
+class TxnLoop:
+    """Transactional produce loop: begin, call `step()` until `commit_interval_s` passed, commit; repeat
+    until `seconds` passed (or `max_records`). `step()` queues some records and returns how many.
+
+    A transaction that fails abortably (`TransactionAbortableError`, from a send or the commit) is
+    aborted and counted (`aborted_transactions`, `aborted_records`, `first_abort_error`); the loop
+    goes on (past `seconds` until one transaction committed). `records` counts committed records
+    only. Fatal errors raise."""
+
+    def __init__(self, producer, commit_interval_s: float):
+        self.producer = producer
+        self.interval = commit_interval_s
+        self.commit_s: list[float] = []
+        self.records = 0
+        self.elapsed = 0.0
+        self.aborts = 0
+        self.aborted_records = 0
+        self.first_abort_error: str | None = None
+
+    def _aborted(self, exc: BaseException, n: int) -> None:
+        self.aborts += 1
+        self.aborted_records += n
+        if self.first_abort_error is None:
+            self.first_abort_error = repr(exc)[:500]
+            log(f"transaction aborted: {self.first_abort_error}")
+        self.producer.abort_transaction(timeout=120)
+
+    def run(self, step: Callable[[], int], seconds: float, max_records: int | None = None,
+            min_commits: int = 1) -> None:
+        """Until `seconds` passed and at least `min_commits` transactions committed (at most 20 aborts
+        past the deadline), or `max_records` committed."""
+        from ray_broker.errors import TransactionAbortableError
+
+        p = self.producer
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        while True:
+            p.begin_transaction()
+            t_end = min(time.perf_counter() + self.interval, end)
+            n = 0
+            try:
+                while True:
+                    n += step()
+                    if time.perf_counter() >= t_end or (max_records is not None and self.records + n >= max_records):
+                        break
+                c0 = time.perf_counter()
+                p.commit_transaction(timeout=120)
+                self.commit_s.append(time.perf_counter() - c0)
+                self.records += n
+            except TransactionAbortableError as exc:
+                self._aborted(exc, n)
+            now = time.perf_counter()
+            if max_records is not None and self.records >= max_records:
+                break
+            if now >= end and (len(self.commit_s) >= min_commits or self.aborts > 20):
+                break
+        self.elapsed = time.perf_counter() - t0
+
+    def figures(self, record_bytes: int | None = None) -> dict:
+        c = percentiles_ms(self.commit_s, qs=(50, 99))
+        out = {"records": self.records, "seconds": r3(self.elapsed), "records_per_s": rate(self.records, self.elapsed),
+               "commits": len(self.commit_s), "commit_p50_ms": c["p50_ms"], "commit_p99_ms": c["p99_ms"],
+               "commit_max_ms": c["max_ms"], "aborted_transactions": self.aborts}
+        if self.aborts:
+            out.update({"aborted_records": self.aborted_records, "first_abort_error": self.first_abort_error})
+        if record_bytes:
+            out["mb_per_s"] = mb_per_s(self.records * record_bytes, self.elapsed)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ latency consumer
+@ray.remote(num_cpus=0, max_concurrency=2)
+class LatencyConsumer:
+    """Reads a topic from the beginning in its own process and records, per record, arrival time minus
+    the send time stamped in the value (`datagen.stamped_value`), and per sequence number (e.g. the
+    transaction) the arrival time of its last record. seq < 0 marks warm-up records (ignored)."""
+
+    def __init__(self, namespace: str, topic: str, partitions: int, isolation: str):
+        import ray_broker as rb_
+
+        self.cluster = rb_.connect(namespace=namespace)
+        self.consumer = self.cluster.consumer(isolation_level=isolation, auto_offset_reset="earliest")
+        self.consumer.assign([rb_.TopicPartition(topic, p) for p in range(partitions)])
+        self.consumer.poll(timeout=0.2)
+        self.running = False
+
+    def started(self) -> bool:
+        return self.running
+
+    def set_expected(self, expected: int) -> None:
+        """Fewer records will come (aborted transactions): stop at this count."""
+        self.expected = expected
+
+    def run(self, expected: int, idle_timeout_s: float = 10.0) -> dict:
+        from ray_broker.testing.datagen import decode_stamps
+
+        self.expected = expected
+        self.running = True
+        lats: list[np.ndarray] = []
+        seq_last: dict[int, int] = {}
+        got = 0
+        last = time.monotonic()
+        while got < self.expected and time.monotonic() - last < idle_timeout_s:
+            out = self.consumer.poll(timeout=0.05)
+            if not out:
+                continue
+            now = time.time_ns()
+            last = time.monotonic()
+            for batch in out.values():
+                ts, seq = decode_stamps(batch.column(batch.schema.get_field_index("value")))
+                keep = seq >= 0
+                ts, seq = ts[keep], seq[keep]
+                got += len(ts)
+                lats.append(now - ts)
+                for s in np.unique(seq).tolist():
+                    seq_last[s] = now
+        self.consumer.close()
+        lat = np.concatenate(lats) if lats else np.empty(0, np.int64)
+        return {"latencies_ns": lat, "seq_last_arrival_ns": seq_last, "received": got}
+
+
+# ------------------------------------------------------------------------------------------ script protocol
+def base_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmark runs, in seconds")
+    ap.add_argument("--data-dir", default=None, help="broker data dir (default: a fresh temp dir, removed after)")
+    return ap
+
+
+def finish_args(args, full: dict, smoke: dict):
+    """Options left at None take the full-run default, or the smoke default with --smoke."""
+    defaults = dict(full)
+    if args.smoke:
+        defaults.update(smoke)
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def ints(csv: str) -> list[int]:
+    return [int(x) for x in str(csv).split(",") if x.strip()]
+
+
+def result(benchmark: str, workload: str, args, settings: dict, results: dict, targets: list | None,
+           t_start: float, ok: bool = True, notes: list | None = None) -> dict:
+    out = {"benchmark": benchmark, "workload": workload, "date": now_iso(), "smoke": bool(args.smoke),
+           "ok": bool(ok), "settings": settings, "results": results, "targets": targets or [],
+           "environment": machine(), "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    if notes:
+        out["notes"] = notes
+    return out
+
+
+def script_main(run: Callable, argv=None) -> int:
+    """`main()` of a bench script: its own embedded Ray + broker, ONE JSON line on stdout."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    data_dir = None
+    if "--data-dir" in argv:
+        data_dir = argv[argv.index("--data-dir") + 1]
+    if "-h" in argv or "--help" in argv:
+        run(None, argv)           # argparse prints the help and exits
+        return 0
+    cluster, tmp = start_embedded(data_dir)
+    try:
+        out = run(cluster, argv)
+    finally:
+        stop_embedded(cluster, tmp)
+    print(json.dumps(out), flush=True)
+    return 0 if out.get("ok", True) else 1
+
+
+class Sampler:
+    """Calls `fn()` every `interval_s` in a background thread; keeps the values (None skipped)."""
+
+    def __init__(self, fn: Callable, interval_s: float = 0.25):
+        self.fn = fn
+        self.interval = interval_s
+        self.values: list = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = self.fn()
+            if v is not None:
+                self.values.append(v)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(timeout=5)
+        return False
