@@ -198,9 +198,11 @@ def log_end(rep) -> int:
 # ------------------------------------------------------------------------------------------ producer
 def test_send_keyed_batches_and_offsets(cluster, ctx):
     topic, reps = make_topic(cluster, 3)
-    with Producer(ctx, pcfg(linger_ms=20)) as prod:
+    # generous timeouts: a fake call slower than request.timeout.ms on a loaded box is resent, and the
+    # fakes (no dedup) would count it twice
+    with Producer(ctx, pcfg(linger_ms=20, request_timeout_ms=20_000, delivery_timeout_ms=60_000)) as prod:
         futs = [prod.send(topic, value=f"v{i}", key=f"k{i % 50}") for i in range(3000)]
-        prod.flush(timeout=10)
+        prod.flush(timeout=60)
         mds = [f.result(timeout=0) for f in futs]
     for i, md in enumerate(mds):
         assert md.topic == topic and md.partition == partition_for_key(f"k{i % 50}".encode(), 3)
