@@ -4,7 +4,8 @@
     python benchmarks/bench_w8_failover.py --smoke    # 1 kill
 
 One topic of 1 partition, replication factor 3, min.insync.replicas 2; the broker's defaults
-(replica.health.check.interval.ms 200: how often the controller pings replicas). One producer with
+(replica.health.check.interval.ms 500; the controller sees a replica's death at once through an
+outstanding `watch` call, not at the next poll). One producer with
 the defaults (acks=all, idempotent, retry.backoff.ms 100, linger.ms 5). Per kill:
 
 1. wait until the partition has a leader and all 3 replicas are in the ISR (the killed replica of
@@ -115,7 +116,7 @@ def run(cluster, argv) -> dict:
     targets = [bl.target("W8 unavailability after leader kill p99 <= 2 s", res["p99_ms"], "<=", 2000, "ms")]
     settings = {"kills_requested": args.kills, "max_seconds": args.max_seconds, "partitions": 1,
                 "replication_factor": rf, "min_insync_replicas": 2, "acks": "all",
-                "replica_health_check_interval_ms": 200, "retry_backoff_ms": 100, "kill": "ray.kill(no_restart=True)"}
+                "replica_health_check_interval_ms": 500, "death_detection": "watch call", "retry_backoff_ms": 100, "kill": "ray.kill(no_restart=True)"}
     return bl.result("w8_failover", "W8", args, settings, {"rf3": {"failover": res}}, targets, t_start,
                      ok and len(unavail) > 0)
 

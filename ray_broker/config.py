@@ -149,7 +149,7 @@ class BrokerConfig(_Config):
     num_partitions: int = _opt(1, "partitions when none are given", _positive)
     replica_lag_time_max_ms: int = _opt(10_000, "a follower not caught up for this long leaves the ISR",
                                         _positive, kafka_default="30000")
-    replica_health_check_interval_ms: int = _opt(200, "how often the controller checks replica actors", _positive)
+    replica_health_check_interval_ms: int = _opt(500, "how often the controller polls replica state (a replica's death is seen at once)", _positive)
     transaction_max_timeout_ms: int = _opt(900_000, "largest transaction.timeout.ms a producer may ask", _positive)
     transaction_coordinators: int = _opt(1, "number of transaction coordinator actors (fixed at creation)",
                                          _positive)

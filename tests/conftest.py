@@ -26,7 +26,7 @@ def broker(ray_local, tmp_path_factory):
     import ray_broker as rb
 
     data_dir = tmp_path_factory.mktemp("broker-data")
-    rb.deploy(data_dir=str(data_dir), config={"replica.health.check.interval.ms": 100,
+    rb.deploy(data_dir=str(data_dir), config={"replica.health.check.interval.ms": 250,
                                               "coordinator.session.timeout.ms": 5000,
                                               "replica.lag.time.max.ms": 5000})
     cluster = rb.connect()

@@ -50,6 +50,8 @@ class ControllerActor:
         self.state.controller_epoch += 1
         self.lock = threading.RLock()
         self.handles: dict[Key, object] = {}
+        self._watched: dict[Key, tuple] = {}      # key -> (handle, outstanding watch ref)
+        self._watches: dict = {}                   # watch ref -> key
         self.reports: dict[Key, dict] = {}
         self.incarnations: dict[Key, str] = {}
         self.seen_alive: set[Key] = set()
@@ -229,7 +231,39 @@ class ControllerActor:
                 self.reconcile_once()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("controller reconcile failed")
-            self._stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+            self._wait_for_death_or(max(0.0, interval - (time.monotonic() - t0)))
+
+    def _wait_for_death_or(self, timeout: float) -> None:
+        """Sleep until the next round, or until a watched replica dies (then reconcile at once)."""
+        refs = list(self._watches)
+        if not refs:
+            self._stop.wait(timeout)
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        for ref in ready:
+            key = self._watches.pop(ref, None)
+            if key is not None and self._watched.get(key, (None, None))[1] == ref:
+                del self._watched[key]
+        if ready:
+            self._stop.wait(0.02)   # a replica that keeps dying must not turn this into a busy loop
+
+    def _arm_watches(self, keys) -> None:
+        """Keep one never-answered `watch` call outstanding per replica: Ray fails it the moment the
+        actor dies, which wakes the loop, so a killed leader is replaced without waiting for a ping."""
+        live = set(keys)
+        for key in [k for k in self._watched if k not in live]:
+            _, ref = self._watched.pop(key)
+            self._watches.pop(ref, None)
+        for key in live:
+            h = self.handles.get(key)
+            if h is None or self._watched.get(key, (None, None))[0] is h:
+                continue
+            old = self._watched.pop(key, None)
+            if old is not None:
+                self._watches.pop(old[1], None)
+            ref = h.watch.remote()
+            self._watched[key] = (h, ref)
+            self._watches[ref] = key
 
     def reconcile_once(self) -> None:
         with self.lock:
@@ -256,6 +290,7 @@ class ControllerActor:
         self._check_nodes()
         with self.lock:
             self._decide_and_push(reports)
+            self._arm_watches(keys)
         self._ensure_coordinators()
 
     def _check_nodes(self) -> None:

@@ -1,5 +1,10 @@
-"""What both coordinator actors share: a log in one internal partition, loaded lazily, and one
-operation at a time through decide -> append -> apply.
+"""What both coordinator actors share: a log in one internal partition, loaded lazily, and
+operations run as decide -> append -> apply.
+
+Operations on the same key (a transactional id; for coordinators whose shard does not track
+pending state per key, everything) run one at a time. Operations on different keys run
+concurrently and their appends are group-committed (`GroupCommit`): one replicated append carries
+what all of them decided while the previous append was in flight.
 
 `InternalPartitionWriter` appends to and reads one partition of `__transaction_state` or
 `__consumer_offsets` as an idempotent producer whose epoch is the coordinator epoch, so an older
@@ -23,6 +28,8 @@ from ..errors import (BrokerError, CoordinatorLoadInProgressError, InvalidProduc
                       UnknownProducerIdError)
 from ..protocol import CONTROLLER_NAME, READ_UNCOMMITTED, replica_actor_name
 from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, stored_schema
+from ..testing import failpoints
+from .group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +131,9 @@ class CoordinatorActorBase:
     KIND = ""                    # "txn" | "group": the controller's name for this coordinator kind
     TOPIC = ""                   # its internal topic
     SNAPSHOT_EVERY_RECORDS = 2000
+    # True when the shard marks what a decided-but-unapplied result touches as pending (so results
+    # for different keys may be decided, appended and applied concurrently)
+    CONCURRENT_KEYS = False
 
     def __init__(self, index: int, namespace: str, broker_config: dict | None = None):
         self.index = index
@@ -133,7 +143,8 @@ class CoordinatorActorBase:
         self.coordinator_epoch = -1
         self.writer: InternalPartitionWriter | None = None
         self._load_lock: asyncio.Lock | None = None
-        self._op_lock: asyncio.Lock | None = None
+        self._key_locks: dict = {}     # key -> [asyncio.Lock, users]; dropped when unused
+        self._group_commit: GroupCommit | None = None
         self._background: list[asyncio.Task] = []
         self._records_since_snapshot = 0
 
@@ -159,7 +170,7 @@ class CoordinatorActorBase:
         if self.shard is not None:
             return self.shard
         if self._load_lock is None:
-            self._load_lock, self._op_lock = asyncio.Lock(), asyncio.Lock()
+            self._load_lock = asyncio.Lock()
         async with self._load_lock:
             if self.shard is None:
                 await self._load()
@@ -173,6 +184,7 @@ class CoordinatorActorBase:
         records = await writer.read_all()
         shard = await self._build_shard(records, epoch)
         self.writer, self.coordinator_epoch, self.shard = writer, epoch, shard
+        self._group_commit = GroupCommit(writer.append)
         self._records_since_snapshot = len(records)
         log.info("%s coordinator %d loaded %d records at epoch %d", self.KIND, self.index, len(records), epoch)
         self._background = self._after_load(shard, epoch)
@@ -181,34 +193,52 @@ class CoordinatorActorBase:
         """Our log writes were refused: a newer coordinator exists or the log moved. Reload lazily."""
         self.shard = None
 
-    # ---- one operation at a time: decide, append, apply --------------------------------------
-    async def _run(self, decide):
+    # ---- decide, append (group-committed), apply ---------------------------------------------
+    async def _run(self, decide, key=None):
         shard = await self._ensure_loaded()
-        async with self._op_lock:
-            if self.shard is not shard:
-                raise NotCoordinatorError(f"{self.KIND} coordinator reloaded; retry")
-            result = decide(shard)
-            try:
-                if result.records:
-                    await self.writer.append(list(result.records))
-                    self._records_since_snapshot += len(result.records)
-                self._apply(shard, result)
-            except NotCoordinatorError:
-                self._discard(shard, result)
-                self._fence()
-                raise
-            except BaseException:
-                self._discard(shard, result)
-                raise
-            await self._maybe_snapshot(shard)
+        lock_key = key if self.CONCURRENT_KEYS and key is not None else None
+        entry = self._key_locks.get(lock_key)
+        if entry is None:
+            entry = self._key_locks[lock_key] = [asyncio.Lock(), 0]
+        lock = entry[0]
+        entry[1] += 1
+        try:
+            async with lock:
+                if self.shard is not shard:
+                    raise NotCoordinatorError(f"{self.KIND} coordinator reloaded; retry")
+                result = decide(shard)
+                try:
+                    if result.records:
+                        failpoints.hit("coordinator.before_append")
+                        await self._group_commit.append(list(result.records))
+                        self._records_since_snapshot += len(result.records)
+                    if self.shard is not shard:
+                        raise NotCoordinatorError(f"{self.KIND} coordinator reloaded; retry")
+                    self._apply(shard, result)
+                except NotCoordinatorError:
+                    self._discard(shard, result)
+                    self._fence()
+                    raise
+                except BaseException:
+                    self._discard(shard, result)
+                    raise
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._key_locks.pop(lock_key, None)
+        await self._maybe_snapshot(shard)
         return result
 
     async def _maybe_snapshot(self, shard) -> None:
-        """Keep the internal topic bounded: append a full snapshot, then drop what lies before it."""
+        """Keep the internal topic bounded: append a full snapshot, then drop what lies before it.
+        Taken only between operations (nothing decided and unapplied), so it reflects the log."""
         if self._records_since_snapshot < self.SNAPSHOT_EVERY_RECORDS or not self._can_snapshot(shard):
             return
+        if self.shard is not shard or self._key_locks:
+            return
         records = shard.snapshot_records()
-        start = await self.writer.append(records) if records else None
+        self._records_since_snapshot = 0
+        start = await self._group_commit.append(records) if records else None
         self._records_since_snapshot = len(records)
         if start is not None:
             await self.writer.delete_records_before(start, replicas=3)

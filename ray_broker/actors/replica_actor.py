@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 
 LEADER, FOLLOWER = "leader", "follower"
 REPLICATION_MAX_BYTES = 8 * 1024 * 1024
-PUMP_IDLE_S = 0.25            # followers hear the HW at least this often when idle
-MAINTENANCE_S = 0.2
+PUMP_IDLE_S = 1.0             # idle heartbeat to followers (HW changes are pushed at once)
+MAINTENANCE_S = 0.5
 PREDECESSOR_WAIT_S = 0.5      # how long an out-of-order idempotent batch waits for its predecessor
+HW_CHECKPOINT_S = 5.0          # Kafka's replica.high.watermark.checkpoint.interval.ms
 SNAPSHOT_INTERVAL_S = 10.0    # producer-state snapshot cadence (recovery replays only the tail)
 SEQUENCE_WRAP = 2**31 - 1
-CONTROLLER_CHECK_S = 1.0      # leaders bring back a controller that was killed
+CONTROLLER_CHECK_S = 2.0      # leaders bring back a controller that was killed
 
 
 def _now_ms() -> int:
@@ -84,6 +85,7 @@ class PartitionReplicaActor:
         self._isr_request_inflight = False
         self._handles: dict[int, object] = {}
         self._last_hw_checkpoint = self.high_watermark
+        self._last_hw_checkpoint_time = 0.0
 
     # ---- setup -----------------------------------------------------------------------------------
     def _set_schema(self, schema: bytes | None) -> None:
@@ -145,6 +147,10 @@ class PartitionReplicaActor:
         """Below this every transaction is decided: read_committed readers stop here."""
         first = self.producers.first_unstable_offset()
         return self.high_watermark if first is None else min(first, self.high_watermark)
+
+    async def watch(self) -> None:
+        """Never answers: the controller keeps one call outstanding to learn of this actor's death."""
+        await asyncio.Event().wait()
 
     def ping(self) -> dict:
         st = self.leader_state
@@ -455,9 +461,7 @@ class PartitionReplicaActor:
         self.high_watermark = max(self.high_watermark, min(leader_high_watermark, self.log.log_end_offset))
         if self.rebuilding and self.log.log_end_offset >= leader_high_watermark:
             self.rebuilding = False
-        if self.high_watermark - self._last_hw_checkpoint > 0:
-            self.log.checkpoint_high_watermark(self.high_watermark)
-            self._last_hw_checkpoint = self.high_watermark
+        self._maybe_checkpoint_hw()
         self._maybe_snapshot_producers()
         return self.log.log_end_offset
 
@@ -575,9 +579,7 @@ class PartitionReplicaActor:
                 now = _now_ms()
                 self.log.maybe_flush(now)
                 self._maybe_snapshot_producers()
-                if self.high_watermark != self._last_hw_checkpoint:
-                    self.log.checkpoint_high_watermark(self.high_watermark)
-                    self._last_hw_checkpoint = self.high_watermark
+                self._maybe_checkpoint_hw()
                 if time.monotonic() - last_controller_check > CONTROLLER_CHECK_S:
                     last_controller_check = time.monotonic()
                     ensure_controller(self.namespace)
@@ -588,6 +590,16 @@ class PartitionReplicaActor:
                 raise
             except Exception:  # noqa: BLE001
                 log.exception("maintenance %s/%s", self.topic, self.partition)
+
+    def _maybe_checkpoint_hw(self) -> None:
+        """The HW file is written (with fsyncs) at most every HW_CHECKPOINT_S, never per batch, as
+        Kafka's replica.high.watermark.checkpoint.interval.ms: a stale checkpoint only means a
+        restarted replica re-learns the HW from replication."""
+        now = time.monotonic()
+        if self.high_watermark != self._last_hw_checkpoint and now - self._last_hw_checkpoint_time >= HW_CHECKPOINT_S:
+            self.log.checkpoint_high_watermark(self.high_watermark)
+            self._last_hw_checkpoint = self.high_watermark
+            self._last_hw_checkpoint_time = now
 
     def _maybe_snapshot_producers(self, force: bool = False) -> None:
         """Expire idle producer ids and snapshot producer state now and then (and on expiry)."""

@@ -16,7 +16,7 @@ import logging
 import ray
 from ray.exceptions import RayActorError
 
-from ..errors import BrokerError, NotCoordinatorError
+from ..errors import BrokerError, ConcurrentTransactionsError, NotCoordinatorError
 from ..protocol import OFFSETS_TOPIC, TXN_STATE_TOPIC, group_coordinator_name, replica_actor_name
 from ..testing import failpoints
 from ..txn.coordinator import CoordinatorResult, MarkerPlan, TxnCoordinatorShard
@@ -29,15 +29,20 @@ __all__ = ["TxnCoordinatorActor", "TxnCoordinator", "txn_coordinator_options", "
 log = logging.getLogger(__name__)
 
 TIMEOUT_SCAN_S = 1.0
+COMPLETION_WAIT_S = 5.0     # how long an add waits for the previous transaction's markers
 
 
 class TxnCoordinatorActor(CoordinatorActorBase):
     KIND = "txn"
     TOPIC = TXN_STATE_TOPIC
+    CONCURRENT_KEYS = True       # the shard marks touched transactional ids pending
 
     def __init__(self, index: int, namespace: str, broker_config: dict | None = None):
         super().__init__(index, namespace, broker_config)
         self._marker_tasks: dict[str, asyncio.Task] = {}
+        # (transactional_id, producer_id, epoch) -> (partitions, future): adds from several
+        # leaders of one transaction waiting behind each other become one decision and one append
+        self._adds_waiting: dict[tuple, tuple[set, asyncio.Future]] = {}
 
     # ---- the base's hooks --------------------------------------------------------------------
     async def _build_shard(self, records, epoch: int) -> TxnCoordinatorShard:
@@ -60,8 +65,8 @@ class TxnCoordinatorActor(CoordinatorActorBase):
     def _can_snapshot(self, shard: TxnCoordinatorShard) -> bool:
         return not shard.has_pending()
 
-    async def _run(self, decide) -> CoordinatorResult:
-        result = await super()._run(decide)
+    async def _run(self, decide, key=None) -> CoordinatorResult:
+        result = await super()._run(decide, key)
         failpoints.hit("txn.before_markers")
         for plan in result.markers:
             self._spawn_markers(plan)
@@ -116,7 +121,8 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         failpoints.hit("txn.before_complete")
         while self.coordinator_epoch == epoch and self.shard is not None:
             try:
-                await self._run(lambda s: s.complete_markers(plan.transactional_id, _now_ms(), plan=plan))
+                await self._run(lambda s: s.complete_markers(plan.transactional_id, _now_ms(), plan=plan),
+                                plan.transactional_id)
                 return
             except NotCoordinatorError:
                 return
@@ -150,32 +156,79 @@ class TxnCoordinatorActor(CoordinatorActorBase):
     async def ping(self) -> dict:
         shard = await self._ensure_loaded()
         return {"index": self.index, "coordinator_epoch": self.coordinator_epoch,
-                "transactions": len(shard.list_transactions())}
+                "transactions": len(shard.list_transactions()),
+                "log_appends": self._group_commit.appends if self._group_commit else 0}
 
     async def init_producer_id(self, transactional_id: str, txn_timeout_ms: int) -> tuple[int, int]:
-        r = await self._run(lambda s: s.handle_init_producer_id(transactional_id, txn_timeout_ms, _now_ms()))
+        r = await self._run(lambda s: s.handle_init_producer_id(transactional_id, txn_timeout_ms, _now_ms()),
+                            transactional_id)
         resp = r.reply()
         return resp.producer_id, resp.producer_epoch
 
+    async def _wait_for_markers(self, transactional_id: str, timeout: float = COMPLETION_WAIT_S) -> bool:
+        """Wait (bounded) for the previous transaction of this id to finish its markers; False if
+        there was nothing to wait for."""
+        task = self._marker_tasks.get(transactional_id)
+        if task is None or task.done() or timeout <= 0:
+            return False
+        await asyncio.wait([task], timeout=timeout)
+        return True
+
+    async def _after_completion(self, transactional_id: str, run) -> None:
+        """Run `run` (-> CoordinatorResult) and reply; while the previous transaction of this id is
+        still writing its markers (CONCURRENT_TRANSACTIONS), wait for them here rather than sending
+        the retriable error back (a producer that starts its next transaction right after a commit
+        would otherwise pay a retry backoff per transaction)."""
+        deadline = asyncio.get_running_loop().time() + COMPLETION_WAIT_S
+        while True:
+            try:
+                return (await run()).reply()
+            except ConcurrentTransactionsError:
+                if not await self._wait_for_markers(transactional_id, deadline - asyncio.get_running_loop().time()):
+                    raise
+
     async def add_partitions_from_leader(self, transactional_id: str, producer_id: int, producer_epoch: int,
                                          partitions: list) -> None:
-        r = await self._run(lambda s: s.handle_add_partitions(transactional_id, producer_id, producer_epoch,
-                                                             [tuple(p) for p in partitions], _now_ms()))
-        r.reply()
+        key = (transactional_id, producer_id, producer_epoch)
+        parts = {tuple(p) for p in partitions}
+        await self._wait_for_markers(transactional_id)   # then all leaders' adds go as one group
+        waiting = self._adds_waiting.get(key)
+        if waiting is not None:
+            waiting[0].update(parts)
+            return await asyncio.shield(waiting[1])
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # joiners are optional
+        entry = self._adds_waiting[key] = (parts, fut)
+
+        def decide(s):
+            if self._adds_waiting.get(key) is entry:
+                del self._adds_waiting[key]        # later arrivals start the next group
+            return s.handle_add_partitions(transactional_id, producer_id, producer_epoch, sorted(entry[0]),
+                                           _now_ms())
+
+        try:
+            await self._after_completion(transactional_id, lambda: self._run(decide, transactional_id))
+        except BaseException as exc:
+            if self._adds_waiting.get(key) is entry:
+                del self._adds_waiting[key]
+            if not fut.done():
+                fut.set_exception(exc)
+            raise
+        fut.set_result(None)
 
     async def add_offsets(self, transactional_id: str, producer_id: int, producer_epoch: int, group_id: str,
                           offsets_partition: tuple | None = None) -> None:
         from ..protocol import OFFSETS_TOPIC
 
         part = tuple(offsets_partition) if offsets_partition else (OFFSETS_TOPIC, 0)
-        r = await self._run(lambda s: s.handle_add_offsets(transactional_id, producer_id, producer_epoch, group_id,
-                                                          part, _now_ms()))
-        r.reply()
+        await self._after_completion(transactional_id, lambda: self._run(
+            lambda s: s.handle_add_offsets(transactional_id, producer_id, producer_epoch, group_id, part, _now_ms()),
+            transactional_id))
 
     async def end_txn(self, transactional_id: str, producer_id: int, producer_epoch: int,
                       commit: bool) -> tuple[int, int]:
         r = await self._run(lambda s: s.handle_end_txn(transactional_id, producer_id, producer_epoch, commit,
-                                                      _now_ms()))
+                                                      _now_ms()), transactional_id)
         resp = r.reply()
         return resp.producer_id, resp.producer_epoch
 
@@ -186,7 +239,7 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         return (await self._ensure_loaded()).describe_transaction(transactional_id)
 
     async def abort_transaction(self, transactional_id: str) -> None:
-        r = await self._run(lambda s: s.abort_transaction(transactional_id, _now_ms()))
+        r = await self._run(lambda s: s.abort_transaction(transactional_id, _now_ms()), transactional_id)
         r.reply()
 
     def arm_failpoint(self, name: str, action: str, arg=None, count: int = 1, skip: int = 0) -> None:

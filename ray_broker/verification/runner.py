@@ -25,8 +25,10 @@ from .workloads import WORKLOADS, final_read, make_workers, RunContext, setup_to
 
 log = logging.getLogger(__name__)
 
+WARMUP_MAX_S = 90.0
+
 # faster failure detection than the defaults, as in the integration tests
-VERIFY_BROKER_CONFIG = {"replica.health.check.interval.ms": 100, "replica.lag.time.max.ms": 5000,
+VERIFY_BROKER_CONFIG = {"replica.health.check.interval.ms": 250, "replica.lag.time.max.ms": 5000,
                         # below the longest pause (6 s): a paused coordinator is replaced and resumes a zombie
                         "coordinator.session.timeout.ms": 4000}
 
@@ -137,6 +139,14 @@ def run_verify(workload: str = "all", seconds: float = 60.0, seed: int = 0, repo
         workers = make_workers(ctx, workloads, producers=producers)
         for w in workers:
             w.start()
+        # the clock (and the faults) start once every client has done one operation: a slow start
+        # (actor start-up on a loaded machine) must not eat the run
+        warm_by = time.monotonic() + WARMUP_MAX_S
+        while time.monotonic() < warm_by and not all(w.ops > 0 or not w.is_alive() for w in workers):
+            ctx.run_main_calls()
+            time.sleep(0.1)
+        settings["warmup_s"] = round(WARMUP_MAX_S - max(0.0, warm_by - time.monotonic()), 1)
+        say(f"clients warmed up in {settings['warmup_s']}s")
         nemesis = Nemesis(ctx, kinds, seed=seed + 1, interval=fault_interval, namespace=namespace,
                           embedded=embedded)
         nemesis.start()

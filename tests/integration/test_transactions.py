@@ -340,3 +340,25 @@ def test_admin_and_cli_show_and_abort_a_hanging_transaction(broker, topic_name):
     assert committed_values(broker, topic_name, 1) == []
     with pytest.raises((rb.ProducerFencedError, rb.InvalidProducerEpochError)):
         producer.commit_transaction()
+
+
+def test_adds_from_many_partition_leaders_share_one_coordinator_append(broker, topic_name):
+    """Six leaders each add their partition to the transaction (KIP-890): the ones arriving while
+    the coordinator's first append is in flight are decided together and logged in ONE append."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=6, replication_factor=1)
+    producer = broker.producer(transactional_id=f"{topic_name}-tx")
+    producer.init_transactions()
+    before = ray.get(coordinator().ping.remote())["log_appends"]
+    # the first add's append stalls (the coordinator's event loop with it) while the other five arrive
+    ray.get(coordinator().arm_failpoint.remote("coordinator.before_append", "delay", 1500))
+    producer.begin_transaction()
+    for p in range(6):
+        producer.send(topic_name, value=f"v{p}".encode(), partition=p)
+    producer.flush()
+    assert ray.get(coordinator().ping.remote())["log_appends"] - before == 2
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert sorted(committed_values(broker, topic_name, 6)) == [f"v{p}".encode() for p in range(6)]
+    described = admin.describe_transaction(f"{topic_name}-tx")
+    assert described.state in ("COMPLETE_COMMIT", "EMPTY"), described
