@@ -31,8 +31,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..errors import BrokerError, BrokerTimeoutError, InvalidRequestError
+from ..errors import (BrokerError, BrokerTimeoutError, InvalidProducerEpochError, InvalidRequestError,
+                      ProducerFencedError)
 from ..records import TopicPartition
+from ..testing import failpoints
 from .core import (CommitPolicy, ErrorAction, KeyValueState, ProcessContext, TxnTracker, classify_error,
                    normalize_outputs, transactional_id_for, wants_context)
 
@@ -81,11 +83,12 @@ class WorkerLoop:
         self._callback_error: BaseException | None = None
         self._closing = False
         self._last_idle_check = 0.0
+        self._txn_records_out = 0
         self.cluster = self.producer = self.consumer = None
         self._restore_rc = self._restore_ru = None
         self.status = "starting"
         self.counters = {"records_in": 0, "records_out": 0, "state_records": 0, "commits": 0, "aborts": 0,
-                         "idle_commits": 0, "recreations": 0, "restores": 0, "rebalances": 0,
+                         "idle_commits": 0, "recreations": 0, "restores": 0, "rebalances": 0, "fenced": 0,
                          "evicted_predecessors": 0}
         self.last_error: str | None = None
 
@@ -155,6 +158,8 @@ class WorkerLoop:
                 last_failure = time.monotonic()
                 action = classify_error(exc, failures, self.spec.max_failures)
                 self.last_error = repr(exc)
+                if isinstance(exc, (ProducerFencedError, InvalidProducerEpochError)):
+                    self.counters["fenced"] += 1     # a newer instance / the coordinator fenced this one
                 log.warning("worker %s: %r -> %s (failure %d)", self.transactional_id, exc, action.value, failures)
                 if action is ErrorAction.FAIL:
                     self._teardown(graceful=False)
@@ -290,6 +295,7 @@ class WorkerLoop:
         if not self.tracker.open:
             self.producer.begin_transaction()
             self.tracker.begin()
+            self._txn_records_out = 0
 
     def _process(self, records: dict) -> None:
         items = [(tp, b) for tp, b in sorted(records.items()) if b.num_rows]
@@ -319,6 +325,7 @@ class WorkerLoop:
             for o in normalize_outputs(out, self.spec.output_topic):
                 self.producer.send_batch(o.topic, o.batch, partition=o.partition, key_column=o.key_column)
                 self.counters["records_out"] += o.batch.num_rows
+                self._txn_records_out += o.batch.num_rows
             self.counters["records_in"] += batch.num_rows
 
     def _commit(self) -> None:
@@ -330,6 +337,8 @@ class WorkerLoop:
         offsets = t.offsets()
         if offsets:
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+        # tests freeze or fail a worker here, with output written (or only offsets, when idle)
+        failpoints.hit("worker.before_commit" if self._txn_records_out else "worker.before_offsets_only_commit")
         deadline = time.monotonic() + 60.0
         while True:
             try:
@@ -526,6 +535,9 @@ class PipelineWorkerActor:
         import os
 
         return os.getpid()
+
+    def arm_failpoint(self, name: str, action: str, arg=None, count: int = 1, skip: int = 0) -> None:
+        failpoints.arm(name, action, arg, count, skip)
 
 
 def _remote_class():

@@ -7,6 +7,8 @@ var: "name=action[:arg][*count],..."). Actions:
   raise  -> raise FailpointError (or the BrokerError subclass named by arg)
   crash  -> os._exit(arg or 1): the process dies mid-step, as a SIGKILL would leave it
   delay  -> sleep arg milliseconds
+  stop   -> SIGSTOP this process (every thread freezes at this step, as an operator's `kill -STOP`
+            would; a test resumes it with SIGCONT and it continues as a zombie)
 Pure Python, no Ray import, so the pure cores can use it too.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-ACTIONS = ("raise", "crash", "delay")
+ACTIONS = ("raise", "crash", "delay", "stop")
 
 
 class FailpointError(RuntimeError):
@@ -76,6 +78,11 @@ def hit(name: str) -> None:
         os._exit(int(arg) if arg else 1)
     if action == "delay":
         time.sleep(float(arg or 0) / 1000.0)
+        return
+    if action == "stop":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if arg:
         from .. import errors

@@ -16,7 +16,7 @@ import ray
 
 import ray_broker as rb
 from ray_broker.processing import ExactlyOncePipeline, IntSerde, copy_records
-from tests.helpers import leader_of, replica, wait_for
+from tests.helpers import leader_of, read_partition, replica, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,6 +75,14 @@ class Writer(threading.Thread):
             producer.close()
 
 
+def _committed(pipeline) -> dict:
+    while True:
+        try:
+            return dict(pipeline.committed())
+        except rb.BrokerError:      # coordinator busy on a loaded machine: ask again
+            time.sleep(0.2)
+
+
 def committed_total(pipeline):
     try:
         return sum(v or 0 for v in pipeline.committed().values())
@@ -130,32 +138,58 @@ def test_copier_exactly_once_while_a_worker_is_killed_and_restarted(broker, topi
     assert all(k == b"k-%d" % (int(v[2:]) % 37) for k, v in out)
 
 
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def test_paused_worker_resumes_as_a_zombie_and_cannot_commit(broker, topic_name):
-    """SIGSTOP a worker past its session timeout: the group gives its partitions to the other
-    worker; resumed, the zombie's transaction (output + offsets, generation-fenced as in KIP-447)
-    must not commit anything. The read_committed output holds every input exactly once."""
+    """A worker frozen (SIGSTOP, by a failpoint) with an open transaction - output written, input
+    offsets staged, commit not yet sent - past its session and transaction timeouts: the group
+    gives its partitions to the other worker, the coordinator aborts the open transaction and bumps
+    the epoch; resumed, the zombie's commit is fenced. The read_committed output holds every input
+    exactly once (the frozen transaction's output was in the log, and stays invisible)."""
     admin = broker.admin()
     src, dst = f"{topic_name}-in", f"{topic_name}-out"
     admin.create_topic(src, partitions=2, replication_factor=1)
     admin.create_topic(dst, partitions=2, replication_factor=1)
     pipeline = ExactlyOncePipeline(broker, [src], dst, copy_records, group_id=f"zombie-{topic_name}", workers=2,
-                                   # a long interval: the pause lands inside an open transaction
-                                   commit_interval_ms=1000, consumer_config=FAST_GROUP,
-                                   producer_config={"transaction_timeout_ms": 30_000})
+                                   consumer_config=FAST_GROUP, producer_config={"transaction_timeout_ms": 8000})
     writer = Writer(broker, src)
     pipeline.start()
     pid = None
     try:
         writer.start()
         wait_for(lambda: committed_total(pipeline) >= 200, timeout=60, what="the copier to make progress")
-        pid = ray.get(pipeline.worker_handle(0).pid.remote(), timeout=30)
-        os.kill(pid, signal.SIGSTOP)
-        paused = committed_total(pipeline)
-        # the other worker takes the partitions over once the session times out, and progresses
-        wait_for(lambda: committed_total(pipeline) >= paused + 300, timeout=60,
-                 what="the surviving worker to take over the paused worker's partitions")
+        zombie = pipeline.worker_handle(0)
+        pid = ray.get(zombie.pid.remote(), timeout=30)
+        txn_id = pipeline.stats()[0]["transactional_id"]
+        # freeze at the next commit of a transaction that wrote output
+        ray.get(zombie.arm_failpoint.remote("worker.before_commit", "stop"), timeout=30)
+        wait_for(lambda: _process_state(pid) == "T", timeout=60, what="the worker to freeze before a commit")
+        frozen = admin.describe_transaction(txn_id)
+        assert frozen.state == "ONGOING", frozen
+        assert (dst, 0) in frozen.partitions or (dst, 1) in frozen.partitions, frozen
+        assert any(t == "__consumer_offsets" for t, _ in frozen.partitions), frozen
+        held = [tuple(tp) for st in pipeline.stats(timeout=2) if st.get("index") == 1 for tp in st["assignment"]]
+        frozen_parts = [tp for tp in _committed(pipeline) if tuple(tp) not in held]
+        assert frozen_parts, (held, _committed(pipeline))
+        at_freeze = _committed(pipeline)
+        # the other worker takes the frozen worker's partitions over after the session timeout; it
+        # can commit for them only once the frozen transaction (holding offsets for them) is
+        # aborted by its timeout (require_stable)
+        wait_for(lambda: all((_committed(pipeline).get(tp) or 0) >= (at_freeze.get(tp) or 0) + 100
+                             for tp in frozen_parts), timeout=90,
+                 what="the surviving worker to commit for the frozen worker's partitions")
+        aborted = admin.describe_transaction(txn_id)
+        assert aborted.producer_epoch > frozen.producer_epoch or aborted.producer_id != frozen.producer_id, \
+            (frozen, aborted)
+        assert aborted.state in ("PREPARE_ABORT", "COMPLETE_ABORT"), aborted
         os.kill(pid, signal.SIGCONT)
         pid = None
+        # resumed, its commit_transaction() is fenced: the worker recreates its clients and rejoins
+        wait_for(lambda: pipeline.stats()[0].get("fenced", 0) >= 1, timeout=60,
+                 what="the zombie's commit to be fenced and the worker to recreate its clients")
         resumed = committed_total(pipeline)
         wait_for(lambda: committed_total(pipeline) >= resumed + 200, timeout=60, what="progress after the resume")
         writer.stop_event.set()
@@ -173,6 +207,11 @@ def test_paused_worker_resumes_as_a_zombie_and_cannot_commit(broker, topic_name)
     assert len(values) == len(set(values)), "duplicates in the read_committed output"
     assert sorted(values) == sorted(writer.acked), (len(values), len(writer.acked))
     assert {s["status"] for s in stats} == {"stopped"}, stats
+    # the frozen transaction's output is in the log (read_uncommitted), and stays invisible
+    raw = [v for p in range(2) for _, _, v in read_partition(broker, dst, p, isolation="read_uncommitted")]
+    assert len(raw) > len(values), (len(raw), len(values))
+    # the same process (incarnation 1, never replaced) resumed, was fenced and carried on
+    assert stats[0]["incarnation"] == 1 and stats[0]["fenced"] >= 1 and stats[0]["recreations"] >= 1, stats[0]
 
 
 def test_stateful_pipeline_aborts_on_a_failing_function_and_scales_out(broker, topic_name, tmp_path):
