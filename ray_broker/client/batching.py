@@ -153,10 +153,16 @@ def split_by_partition(batch: pa.RecordBatch, partitions: np.ndarray) -> list[tu
     return out
 
 
+def encoded_size(batch: pa.RecordBatch) -> int:
+    """Bytes of the batch as an Arrow IPC message (what the broker's max.message.bytes limits).
+    `nbytes` undercounts: it leaves out padding and the offsets of all-null list columns."""
+    return pa.ipc.get_record_batch_size(batch)
+
+
 def split_by_size(batch: pa.RecordBatch, rows: np.ndarray, max_bytes: int,
                   what: str = "record") -> list[tuple[pa.RecordBatch, np.ndarray]]:
-    """Chunks of at most `max_bytes` (Arrow buffer bytes); a single row above it raises."""
-    size = batch.nbytes
+    """Chunks of at most `max_bytes` once IPC-encoded; a single row above it raises."""
+    size = encoded_size(batch)
     if size <= max_bytes:
         return [(batch, rows)]
     n = batch.num_rows

@@ -158,6 +158,11 @@ class Consumer:
             self._reset([ps])
         return ps.position()
 
+    def pending_positions(self) -> set[TopicPartition]:
+        """Assigned partitions whose start position still waits for the group's committed offset
+        (for instance held back by an open transaction, Kafka's require_stable)."""
+        return set(self._awaiting)
+
     def highwater(self, partition: TopicPartition) -> int | None:
         """High watermark from the last fetch of `partition` (None before the first)."""
         ps = self._state(partition)

@@ -71,7 +71,7 @@ from ..errors import (InvalidProducerEpochError, ProducerFencedError, UnknownPro
 from ..protocol import (OFFSETS_TOPIC, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQUENCE, TopicMetadata, group_coordinator_name,
                         txn_coordinator_name)
 from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, TopicPartition, schema_from_bytes, stored_schema
-from .batching import compute_partitions, normalize_batch, now_ms, plan_batch
+from .batching import compute_partitions, encoded_size, normalize_batch, now_ms, plan_batch
 from .futures import BatchFuture, BatchState, RecordFuture
 from .metadata_cache import ClientContext, unwrap_error
 from .partitioner import StickyPartitioner, murmur2, to_positive
@@ -118,13 +118,14 @@ class IdempotenceState:
 
 
 class _Piece:
-    __slots__ = ("batch", "state", "rows", "created")
+    __slots__ = ("batch", "state", "rows", "created", "size")
 
     def __init__(self, batch: pa.RecordBatch, state: BatchState, rows: np.ndarray, created: float):
         self.batch = batch
         self.state = state
         self.rows = rows
         self.created = created
+        self.size = encoded_size(batch)    # what it weighs on the wire and in the log
 
 
 _INFLIGHT, _RETRY, _DONE, _FAILED, _NEW = range(5)
@@ -899,7 +900,7 @@ class Producer:
         if not acc.pending:
             acc.first_time = piece.created
         acc.pending.append(piece)
-        acc.pending_bytes += piece.batch.nbytes
+        acc.pending_bytes += piece.size
 
     # ============================================================================== sender thread
     def _run(self) -> None:
@@ -1023,7 +1024,7 @@ class Producer:
         while acc.pending and now - acc.pending[0].created > self._delivery_timeout:
             with self._lock:
                 piece = acc.pending.popleft()
-                acc.pending_bytes -= piece.batch.nbytes
+                acc.pending_bytes -= piece.size
                 if acc.pending:
                     acc.first_time = acc.pending[0].created
             piece.state.piece_failed(piece.rows, BrokerTimeoutError(
@@ -1055,9 +1056,9 @@ class Producer:
         limit = self._chunk_limit(info) if info is not None else self.config.max_message_bytes
         with self._lock:
             pieces = [acc.pending.popleft()]
-            total = pieces[0].batch.nbytes
+            total = pieces[0].size
             while acc.pending and total < self._batch_size:
-                nb = acc.pending[0].batch.nbytes
+                nb = acc.pending[0].size
                 if total + nb > limit:
                     break
                 pieces.append(acc.pending.popleft())

@@ -403,7 +403,7 @@ class WorkerLoop:
             return False
         self._last_idle_check = now
         c = self.consumer
-        awaiting = getattr(c, "_awaiting", ())    # positions still coming from the committed offsets
+        awaiting = c.pending_positions()     # positions still coming from the committed offsets
         owned = sorted(tp for tp in c.assignment() if tp not in awaiting)
         unknown = [tp for tp in owned if tp not in self.tracker.committed]
         if unknown:

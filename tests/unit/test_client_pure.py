@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_broker.client.batching import (compute_partitions, normalize_batch, plan_batch, split_by_partition,
-                                        split_by_size)
+from ray_broker.client.batching import (compute_partitions, encoded_size, normalize_batch, plan_batch,
+                                        split_by_partition, split_by_size)
 from ray_broker.client.futures import BatchFuture, BatchState, RecordFuture
 from ray_broker.client.partitioner import (StickyPartitioner, murmur2, murmur2_many, partition_for_key,
                                            partitions_for_keys)
@@ -274,3 +274,16 @@ def test_single_oversized_row_raises():
         split_by_size(b, np.arange(2), 1000)
     with pytest.raises(RecordTooLargeError):
         plan_batch(b, np.zeros(2, dtype=np.int64), 1000)
+
+
+def test_split_by_size_uses_the_encoded_size_not_nbytes():
+    """A key/value batch whose Arrow nbytes is under the limit but whose IPC encoding (padding,
+    offsets of the all-null headers column) is over it is split; every chunk encodes under it."""
+    n = 60_000
+    rb = normalize_batch(pa.RecordBatch.from_pydict({"key": [b"k" * 16] * n, "value": [b"v" * 100] * n}), None, 0)
+    limit = (rb.nbytes + encoded_size(rb)) // 2
+    assert rb.nbytes < limit < encoded_size(rb)
+    chunks = split_by_size(rb, np.arange(n), limit)
+    assert len(chunks) >= 2
+    assert all(encoded_size(c) <= limit for c, _ in chunks)
+    assert np.array_equal(np.concatenate([r for _, r in chunks]), np.arange(n))
