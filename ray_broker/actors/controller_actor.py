@@ -32,6 +32,7 @@ PING_TIMEOUT_S = 1.0
 STARTUP_GRACE_S = 15.0
 NODE_CHECK_S = 1.0
 COORDINATOR_PING_S = 1.0
+SHUTDOWN_CLOSE_S = 5.0        # how long a controlled shutdown waits for replicas to close their logs
 Key = tuple[str, int, int]
 
 
@@ -553,6 +554,10 @@ class ControllerActor:
                     ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
                 except Exception:  # noqa: BLE001 - not running
                     pass
+            # controlled shutdown first (HW, producer snapshot, clean-shutdown mark), then kill
+            closing = [h.close_for_shutdown.remote() for h in self.handles.values()]
+            if closing:
+                ray.wait(closing, num_returns=len(closing), timeout=SHUTDOWN_CLOSE_S)
             for h in self.handles.values():
                 try:
                     ray.kill(h, no_restart=True)

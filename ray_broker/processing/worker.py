@@ -337,8 +337,12 @@ class WorkerLoop:
         offsets = t.offsets()
         if offsets:
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
-        # tests freeze or fail a worker here, with output written (or only offsets, when idle)
-        failpoints.hit("worker.before_commit" if self._txn_records_out else "worker.before_offsets_only_commit")
+        # tests freeze or fail a worker here, with output written (or only offsets, when idle); a
+        # test stopping it wants the output in the log first, as a worker paused mid-commit has
+        point = "worker.before_commit" if self._txn_records_out else "worker.before_offsets_only_commit"
+        if failpoints.armed(point):
+            self.producer.flush()
+        failpoints.hit(point)
         deadline = time.monotonic() + 60.0
         while True:
             try:

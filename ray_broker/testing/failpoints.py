@@ -55,6 +55,13 @@ def disarm(name: str | None = None) -> None:
             _armed.pop(name, None)
 
 
+def armed(name: str) -> bool:
+    """Whether the next hit of `name` would act (lets a caller set the scene for it first)."""
+    with _lock:
+        a = _armed.get(name)
+        return a is not None and a.remaining != 0 and a.skip == 0
+
+
 def hit_count(name: str) -> int:
     """How many times the point was reached (armed or not)."""
     with _lock:

@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent("""
                 time.sleep(0.2)
 
     data_dir = sys.argv[1]
-    cfg = {"producer.id.expiration.ms": 3000}
+    # a restart takes seconds: the dedup part must not race producer-id expiry
+    cfg = {"producer.id.expiration.ms": 600000}
     cluster = rb.connect(data_dir=data_dir, config=cfg)
     admin = cluster.admin()
     admin.create_topic("t", replication_factor=2)
@@ -52,8 +53,15 @@ SCRIPT = textwrap.dedent("""
     assert retry.duplicate and retry.base_offset == first.base_offset, (first, retry)
     assert ray.get(cluster.controller.allocate_producer_ids.remote(1)) > pid   # ids never reused
     print("RESTART-DEDUP-OK", flush=True)
+    cluster.shutdown()
 
     # producer-id expiry: the producer idles past producer.id.expiration.ms, then sends again
+    cluster = rb.connect(data_dir=data_dir, config={"producer.id.expiration.ms": 3000})
+    admin = cluster.admin()
+    deadline = time.monotonic() + 60
+    while admin.describe_topic("t").partitions[0].leader is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leader_id = admin.describe_topic("t").partitions[0].leader
     producer = cluster.producer(linger_ms=0)
     producer.send("t", value=b"before").result(60)
     old_pid = producer.idempotence.producer_id

@@ -53,6 +53,13 @@ def test_failpoints_raise_delay_and_count():
         failpoints.hit("unit.point")
     failpoints.hit("unit.point")             # count exhausted: no effect
     assert failpoints.hit_count("unit.point") == 2
+    failpoints.arm("unit.armed", "raise", skip=1)
+    assert not failpoints.armed("unit.armed")    # the next hit is skipped
+    failpoints.hit("unit.armed")
+    assert failpoints.armed("unit.armed")
+    with pytest.raises(failpoints.FailpointError):
+        failpoints.hit("unit.armed")
+    assert not failpoints.armed("unit.armed") and not failpoints.armed("never.armed")
     failpoints.arm_from_env("unit.other=raise*2")
     for _ in range(2):
         with pytest.raises(failpoints.FailpointError):
