@@ -84,7 +84,7 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         epoch = plan.coordinator_epoch
         marker = [(plan.producer_id, plan.producer_epoch, plan.commit, plan.coordinator_epoch)]
 
-        async def one(topic: str, partition: int, first: bool) -> None:
+        async def one(topic: str, partition: int) -> None:
             backoff = 0.05
             while self.coordinator_epoch == epoch:
                 try:
@@ -93,29 +93,46 @@ class TxnCoordinatorActor(CoordinatorActorBase):
                         gc = ray.get_actor(group_coordinator_name(partition), namespace=self.namespace)
                         await gc.write_txn_marker.remote(*marker[0])
                         return
-                    meta = (await controller_handle(self.namespace).get_metadata.remote([topic]))[topic]
+                    meta = metadata.get(topic)
+                    if meta is None:
+                        meta = (await controller_handle(self.namespace).get_metadata.remote([topic]))[topic]
                     leader = meta.partitions[partition].leader
                     if leader is not None:
                         h = ray.get_actor(replica_actor_name(topic, partition, leader), namespace=self.namespace)
                         await h.write_txn_markers.remote(marker)
-                        if first:
-                            failpoints.hit("txn.after_first_marker")
                         return
                 except BrokerError as exc:
+                    metadata.pop(topic, None)        # look the leader up again
                     if exc.code.name == "TRANSACTION_COORDINATOR_FENCED":
                         self._fence()
                         return
                     if exc.code.name == "UNKNOWN_TOPIC_OR_PARTITION":
                         return      # the topic was deleted: nothing left to mark
                 except (RayActorError, ValueError):
-                    pass
+                    metadata.pop(topic, None)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 
         parts = sorted(plan.partitions)
-        if parts:
-            await one(*parts[0], True)
-            await asyncio.gather(*(one(t, p, False) for t, p in parts[1:]))
+        # one metadata call for the whole plan (refreshed per topic when a write fails)
+        metadata: dict = {}
+        topics = sorted({t for t, _ in parts if t != OFFSETS_TOPIC})
+        try:
+            if topics:
+                metadata.update(await controller_handle(self.namespace).get_metadata.remote(topics))
+        except Exception:  # noqa: BLE001 - per-topic lookups below retry
+            metadata.clear()
+        # all at once (the first to finish hits the failpoint): the next transaction of this id
+        # waits for them
+        first_done = [False]
+
+        async def each(topic: str, partition: int) -> None:
+            await one(topic, partition)
+            if not first_done[0] and self.coordinator_epoch == epoch:
+                first_done[0] = True
+                failpoints.hit("txn.after_first_marker")
+
+        await asyncio.gather(*(each(t, p) for t, p in parts))
         if self.coordinator_epoch != epoch or self.shard is None:
             return
         failpoints.hit("txn.before_complete")
