@@ -84,7 +84,13 @@ class CoordinatorClient:
             try:
                 h = self.handle(refresh)
                 remaining = max(0.001, deadline - time.monotonic())
-                return ray.get(getattr(h, method).remote(*args), timeout=remaining)
+                ref = getattr(h, method).remote(*args)
+                try:
+                    return ray.get(ref, timeout=remaining)
+                except GetTimeoutError:
+                    # collect its late outcome, or Ray logs it as an "unhandled error" when it fails
+                    ref.future().add_done_callback(_consume)
+                    raise
             except BaseException as exc:  # noqa: BLE001 - sorted below
                 err = unwrap_error(exc)
                 if isinstance(err, ValueError) and not isinstance(err, BrokerError):
@@ -101,6 +107,11 @@ class CoordinatorClient:
                         raise err from None
                     raise BrokerTimeoutError(f"group coordinator {method} for {self.group_id!r}: {err}") from None
                 time.sleep(RETRY_BACKOFF_S)
+
+
+def _consume(fut) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 @dataclass
