@@ -18,10 +18,10 @@ Fault kinds (each is logged as Fault(kind, target, "start") when injected and Fa
   restart_broker        park every client; `shutdown_broker` (every replica killed), kill the
                         coordinators and the controller for good; redeploy the controller from the
                         same data dir (it recreates everything from disk); rebuild the clients.
-  restart_cluster       embedded runs only, EXPERIMENTAL (not in the defaults): like restart_broker
-                        but stops Ray itself and `rb.connect(data_dir=...)`s again in the same driver
-                        process. In our runs the driver was later terminated by Ray ("Failed to
-                        connect to GCS within 60 seconds"): something still held the old session.
+  restart_cluster       embedded runs only (not in the defaults): like restart_broker but stops Ray
+                        itself and `rb.connect(data_dir=...)`s again in the same driver process, on
+                        the driver's main thread (from the nemesis thread, the driver was later
+                        terminated by Ray: "Failed to connect to GCS within 60 seconds").
 
 Only the actors of this run's topics are targeted.
 """
@@ -337,12 +337,18 @@ class Nemesis(threading.Thread):
                 except Exception:  # noqa: BLE001
                     pass
             old = ctx.cluster
-            try:
-                old.shutdown()
-            finally:
-                if ray.is_initialized():
-                    ray.shutdown()
-            ctx.cluster = ctx.connect()
+
+            def restart():
+                # on the driver's main thread: ray.init from another thread leaves the new session
+                # half set up (the driver was later terminated: "Failed to connect to GCS")
+                try:
+                    old.shutdown()
+                finally:
+                    if ray.is_initialized():
+                        ray.shutdown()
+                return ctx.connect()
+
+            ctx.cluster = ctx.call_in_main(restart, timeout=240.0)
             ctx.generation += 1
             self._wait(lambda: all(p.leader is not None for t in [t for ts in ctx.topics.values() for t in ts]
                                    for p in ctx.cluster.admin().describe_topic(t).partitions), 60.0)
