@@ -32,7 +32,7 @@ from ..errors import (BrokerError, BrokerTimeoutError, InvalidRequestError, Offs
                       UnstableOffsetCommitError)
 from ..records import TopicPartition
 from .membership import NO_GENERATION, SYNC_POLL_S, CoordinatorClient, GroupMetadata, Membership
-from .metadata_cache import ClientContext, unwrap_error
+from .metadata_cache import ClientContext, discard_ref, unwrap_error
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class Consumer:
         for tp, ps in self._parts.items():
             if tp not in new and ps.ref is not None:
                 self._refs.pop(ps.ref, None)
+                discard_ref(ps.ref)
         self._parts = new
 
     def assignment(self) -> set[TopicPartition]:
@@ -272,6 +273,7 @@ class Consumer:
                 if now - ps.ref_sent_at <= stale_after:
                     continue
                 self._refs.pop(ps.ref, None)   # no answer: abandon and fetch again
+                discard_ref(ps.ref)
                 ps.ref = None
             if ps.buffer or ps.fetch_offset is None or now < ps.retry_at:
                 continue
@@ -501,6 +503,7 @@ class Consumer:
             ps = self._parts.pop(tp, None)
             if ps is not None and ps.ref is not None:
                 self._refs.pop(ps.ref, None)
+                discard_ref(ps.ref)
             self._awaiting.discard(tp)
 
     def _revoke(self, tps, commit: bool = True) -> None:
@@ -622,6 +625,7 @@ class Consumer:
     def _set_position(self, ps: _PartState, offset: int) -> None:
         if ps.ref is not None:
             self._refs.pop(ps.ref, None)
+            discard_ref(ps.ref)
         ps.set_position(offset)
 
     def _state(self, tp) -> _PartState:
@@ -661,6 +665,8 @@ class Consumer:
                     m.stop_heartbeats()
         finally:
             self._closed = True
+            for ref in self._refs:
+                discard_ref(ref)
             self._refs.clear()
             self._parts.clear()
 

@@ -29,7 +29,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ..errors import (BrokerError, BrokerTimeoutError, CoordinatorNotAvailableError, ErrorCode,
                       IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 from ..protocol import CONTROLLER_NAME, group_coordinator_name
-from .metadata_cache import unwrap_error
+from .metadata_cache import discard_ref, unwrap_error
 from .partitioner import murmur2, to_positive
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class CoordinatorClient:
                     return ray.get(ref, timeout=remaining)
                 except GetTimeoutError:
                     # collect its late outcome, or Ray logs it as an "unhandled error" when it fails
-                    ref.future().add_done_callback(_consume)
+                    discard_ref(ref)
                     raise
             except BaseException as exc:  # noqa: BLE001 - sorted below
                 err = unwrap_error(exc)
@@ -107,11 +107,6 @@ class CoordinatorClient:
                         raise err from None
                     raise BrokerTimeoutError(f"group coordinator {method} for {self.group_id!r}: {err}") from None
                 time.sleep(RETRY_BACKOFF_S)
-
-
-def _consume(fut) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 @dataclass

@@ -23,6 +23,18 @@ def unwrap_error(exc: BaseException) -> BaseException:
     return exc
 
 
+def discard_ref(ref) -> None:
+    """Stop waiting for a call's result but still collect it: a result that is an error and is never
+    retrieved makes Ray log an "Unhandled error" when the ref is dropped."""
+    if ref is not None:
+        ref.future().add_done_callback(_consume_outcome)
+
+
+def _consume_outcome(fut) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def is_retriable(exc: BaseException) -> bool:
     if isinstance(exc, BrokerError):
         return exc.retriable

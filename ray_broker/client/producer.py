@@ -73,7 +73,7 @@ from ..protocol import (OFFSETS_TOPIC, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQ
 from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, TopicPartition, schema_from_bytes, stored_schema
 from .batching import compute_partitions, encoded_size, normalize_batch, now_ms, plan_batch
 from .futures import BatchFuture, BatchState, RecordFuture
-from .metadata_cache import ClientContext, unwrap_error
+from .metadata_cache import ClientContext, discard_ref, unwrap_error
 from .partitioner import StickyPartitioner, murmur2, to_positive
 from .txn_manager import ClientTxnState, TransactionManager, TxnOperation, is_fatal_error
 
@@ -1004,6 +1004,7 @@ class Producer:
             # the broker answers BrokerTimeoutError itself after timeout_ms; give it some grace first
             if b.status == _INFLIGHT and now - b.sent_at > self._request_timeout * 1.25 + 1.0:
                 self._refs.pop(b.ref, None)
+                discard_ref(b.ref)
                 self._schedule_retry(b, BrokerTimeoutError(
                     f"produce to {b.topic}-{b.partition} got no answer within request.timeout.ms"), True, now)
         self._pop_completed(acc)
@@ -1106,6 +1107,7 @@ class Producer:
                 continue
             if b.ref is not None:
                 self._refs.pop(b.ref, None)
+                discard_ref(b.ref)
                 b.ref = None
             b.producer_id, b.producer_epoch, b.base_sequence = self.idempotence.assign(
                 b.topic, b.partition, b.batch.num_rows)
@@ -1232,6 +1234,7 @@ class Producer:
         for o in later:
             if o.ref is not None:
                 self._refs.pop(o.ref, None)
+                discard_ref(o.ref)
                 o.ref = None
             o.producer_id, o.producer_epoch, o.base_sequence = self.idempotence.assign(
                 o.topic, o.partition, o.batch.num_rows)
@@ -1275,6 +1278,8 @@ class Producer:
             snaps = [tb.swap() for tb in self._buffers.values() if tb.state is not None]
             accs = list(self._accs.values())
             self._accs.clear()
+            for ref in self._refs:
+                discard_ref(ref)
             self._refs.clear()
             states = list(self._incomplete)
         for snap in snaps:
