@@ -645,10 +645,11 @@ class Consumer:
         if self._closed:
             raise InvalidRequestError("consumer is closed")
 
-    def close(self, leave_group: bool = True) -> None:
-        """Close; a group member commits (auto-commit), revokes and leaves the group. With
-        ``leave_group=False`` it only stops heartbeating: its session expires on the coordinator
-        after session_timeout_ms (Kafka's CloseOptions REMAIN_IN_GROUP; also how tests fake a crash)."""
+    def close(self, leave_group: bool = True, timeout: float | None = None) -> None:
+        """Close; a group member commits (auto-commit), revokes and leaves the group (the leave
+        call waits at most `timeout` s, default 5). With ``leave_group=False`` it only stops
+        heartbeating: its session expires on the coordinator after session_timeout_ms (Kafka's
+        CloseOptions REMAIN_IN_GROUP; also how tests fake a crash)."""
         if self._closed:
             return
         m = self._membership
@@ -660,7 +661,7 @@ class Consumer:
                         if self._parts:
                             self._revoke(set(self._parts), commit=False)
                     finally:
-                        m.leave()
+                        m.leave(timeout_s=5.0 if timeout is None else timeout)
                 else:
                     m.stop_heartbeats()
         finally:

@@ -248,8 +248,8 @@ class Membership:
                     self.lost = True
             raise
 
-    def leave(self) -> None:
-        """LeaveGroup (best effort) and stop heartbeating."""
+    def leave(self, timeout_s: float = 5.0) -> None:
+        """LeaveGroup (best effort, at most `timeout_s`) and stop heartbeating."""
         self.stop_heartbeats()
         with self._lock:
             member_id, self.member_id = self.member_id, None
@@ -258,7 +258,7 @@ class Membership:
         if member_id is None:
             return
         try:
-            self.coordinator.call("leave_group", self.group_id, member_id, timeout_s=5.0)
+            self.coordinator.call("leave_group", self.group_id, member_id, timeout_s=max(0.001, timeout_s))
         except BaseException as exc:  # noqa: BLE001 - the session expires anyway
             log.info("leave_group(%s, %s) failed: %s", self.group_id, member_id, exc)
 
@@ -289,7 +289,7 @@ class Membership:
                 log.warning("consumer of group %s did not poll for max.poll.interval.ms (%d ms): leaving the group",
                             self.group_id, int(self.max_poll_interval_s * 1000))
                 try:
-                    self.coordinator.call("leave_group", self.group_id, member_id, timeout_s=5.0)
+                    self.coordinator.call("leave_group", self.group_id, member_id, timeout_s=max(0.001, timeout_s))
                 except BaseException as exc:  # noqa: BLE001
                     log.info("leave_group after poll timeout failed: %s", exc)
                 with self._lock:

@@ -425,9 +425,9 @@ def _record_sends(ctx: RunContext, wid: str, sent, txn_id: str) -> None:
             ctx.record(cls(wid, topic, partition, value, _err(exc), txn_id=txn_id))
 
 
-def _quiet_close(p) -> None:
+def _quiet_close(p, **kw) -> None:
     try:
-        p.close(timeout=10)
+        p.close(timeout=10, **kw)
     except Exception:  # noqa: BLE001
         pass
 
@@ -456,13 +456,17 @@ class Copier(Worker):
     def rebuild(self):
         self._new_instance()
 
-    def _new_instance(self):
-        """A fresh consumer (resumes from the committed offsets) and producer (fences the old one)."""
+    def _new_instance(self, crash: bool = False):
+        """A fresh consumer (resumes from the committed offsets) and producer (fences the old one).
+        `crash`: the old consumer stops heartbeating without leaving (its session expires), as a
+        killed process's would; otherwise it leaves the group."""
         old_p, old_c = self.producer, self.consumer
         self.producer = self.consumer = None
-        for old in (old_p, old_c):
-            if old is not None:
-                threading.Thread(target=_quiet_close, args=(old,), daemon=True).start()
+        if old_p is not None:
+            threading.Thread(target=_quiet_close, args=(old_p,), daemon=True).start()
+        if old_c is not None:
+            threading.Thread(target=_quiet_close, args=(old_c,), kwargs={"leave_group": not crash},
+                             daemon=True).start()
         p = self.ctx.cluster.producer(transactional_id=self.transactional_id,
                                       client_id=f"{self.wid}.{self.instances}", transaction_timeout_ms=20_000,
                                       **PRODUCER_TIMEOUTS)
@@ -529,7 +533,7 @@ class Copier(Worker):
     def _abandon(self, sent, txn_id: str) -> None:
         """kill_client: stop mid-transaction; the new instance fences this one and aborts its work."""
         _record_sends(self.ctx, self.wid, sent, txn_id)
-        self._new_instance()
+        self._new_instance(crash=True)
         self.kill_requested.clear()
         self.killed.set()
 
