@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import ray
 
 from .config import BrokerConfig, ConsumerConfig, ProducerConfig, load_config_file
-from .errors import BrokerNotFoundError, BrokerTimeoutError, InvalidConfigError
+from .errors import BrokerError, BrokerNotFoundError, BrokerTimeoutError, InvalidConfigError
 from .group.lag import ConsumerGroupDescription, group_lag
 from .protocol import CONTROLLER_NAME, NAMESPACE, TopicDescription
 from .records import schema_to_bytes
@@ -177,30 +177,47 @@ class Admin:
         return self._call("describe_topic", name)
 
     # ---- transactions (Kafka's KIP-664 tooling) ------------------------------------------------
-    def _txn_coordinators(self) -> list:
+    def _coordinator_call(self, name: str, method: str, *args, timeout: float = 60.0):
+        """`method(*args)` on the coordinator actor `name`, retried while it is restarting, being
+        recreated or loading (retriable errors) until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                h = ray.get_actor(name, namespace=self._cluster.namespace)
+                return ray.get(getattr(h, method).remote(*args), timeout=max(0.001, deadline - time.monotonic()))
+            except BaseException as exc:  # noqa: BLE001 - sorted below
+                from .client.metadata_cache import unwrap_error
+
+                err = unwrap_error(exc)
+                retriable = isinstance(err, (ray.exceptions.RayActorError, ValueError)) or (
+                    isinstance(err, BrokerError) and err.retriable)
+                if not retriable:
+                    raise err from None
+                if time.monotonic() + 0.2 > deadline:
+                    raise BrokerTimeoutError(f"admin {method} on {name}: {err}") from None
+                time.sleep(0.2)
+
+    def _txn_coordinator_names(self) -> list[str]:
         from .protocol import txn_coordinator_name
 
-        n = self._call("cluster_info")["transaction_coordinators"]
-        return [ray.get_actor(txn_coordinator_name(i), namespace=self._cluster.namespace) for i in range(n)]
+        return [txn_coordinator_name(i) for i in range(self._call("cluster_info")["transaction_coordinators"])]
 
-    def _txn_coordinator_for(self, transactional_id: str):
+    def _txn_coordinator_for(self, transactional_id: str) -> str:
         from .client.partitioner import murmur2, to_positive
-        from .protocol import txn_coordinator_name
 
-        n = self._call("cluster_info")["transaction_coordinators"]
-        i = to_positive(murmur2(transactional_id.encode())) % n
-        return ray.get_actor(txn_coordinator_name(i), namespace=self._cluster.namespace)
+        names = self._txn_coordinator_names()
+        return names[to_positive(murmur2(transactional_id.encode())) % len(names)]
 
     def list_transactions(self) -> list:
         """Every transactional id the coordinators know: state, partitions, start time, producer id/epoch."""
         out = []
-        for c in self._txn_coordinators():
-            out.extend(ray.get(c.list_transactions.remote(), timeout=60))
+        for name in self._txn_coordinator_names():
+            out.extend(self._coordinator_call(name, "list_transactions"))
         return sorted(out, key=lambda d: d.transactional_id)
 
     def describe_transaction(self, transactional_id: str):
-        desc = ray.get(self._txn_coordinator_for(transactional_id).describe_transaction.remote(transactional_id),
-                       timeout=60)
+        desc = self._coordinator_call(self._txn_coordinator_for(transactional_id), "describe_transaction",
+                                      transactional_id)
         if desc is None:
             from .errors import InvalidRequestError
 
@@ -209,32 +226,31 @@ class Admin:
 
     def abort_transaction(self, transactional_id: str) -> None:
         """Abort a hanging transaction (its producer is fenced); for operators."""
-        ray.get(self._txn_coordinator_for(transactional_id).abort_transaction.remote(transactional_id), timeout=60)
+        self._coordinator_call(self._txn_coordinator_for(transactional_id), "abort_transaction", transactional_id)
 
     # ---- consumer groups --------------------------------------------------------------------
-    def _group_coordinators(self) -> list:
+    def _group_coordinator_names(self) -> list[str]:
         from .protocol import group_coordinator_name
 
-        n = self._call("cluster_info")["group_coordinators"]
-        return [ray.get_actor(group_coordinator_name(i), namespace=self._cluster.namespace) for i in range(n)]
+        return [group_coordinator_name(i) for i in range(self._call("cluster_info")["group_coordinators"])]
 
-    def _group_coordinator(self, group_id: str):
+    def _group_coordinator(self, group_id: str) -> str:
         from .client.partitioner import murmur2, to_positive
 
-        coordinators = self._group_coordinators()
-        return coordinators[to_positive(murmur2(group_id.encode())) % len(coordinators)]
+        names = self._group_coordinator_names()
+        return names[to_positive(murmur2(group_id.encode())) % len(names)]
 
     def list_groups(self) -> list:
         out = []
-        for c in self._group_coordinators():
-            out.extend(ray.get(c.list_groups.remote(), timeout=60))
+        for name in self._group_coordinator_names():
+            out.extend(self._coordinator_call(name, "list_groups"))
         return sorted(out, key=lambda g: getattr(g, "group_id", g))
 
     def describe_group(self, group_id: str) -> "ConsumerGroupDescription":
         """Members, assignment, committed offsets and, in ``.partitions``, per partition the owner,
         committed offset, last stable offset and lag (LSO - committed: what a read_committed
         member still has to read; None when nothing is committed or the leader is unavailable)."""
-        desc = ray.get(self._group_coordinator(group_id).describe_group.remote(group_id), timeout=60)
+        desc = self._coordinator_call(self._group_coordinator(group_id), "describe_group", group_id)
         tps = set(desc.offsets) | set(desc.pending_offsets)
         for m in desc.members:
             tps.update(m.assignment)
@@ -250,10 +266,10 @@ class Admin:
 
     def reset_offsets(self, group_id: str, offsets) -> None:
         """Set committed offsets ({TopicPartition: offset}); refused while the group has live members."""
-        ray.get(self._group_coordinator(group_id).reset_offsets.remote(group_id, dict(offsets)), timeout=60)
+        self._coordinator_call(self._group_coordinator(group_id), "reset_offsets", group_id, dict(offsets))
 
     def delete_group(self, group_id: str) -> None:
-        ray.get(self._group_coordinator(group_id).delete_group.remote(group_id), timeout=60)
+        self._coordinator_call(self._group_coordinator(group_id), "delete_group", group_id)
 
     def alter_topic_schema(self, name: str, schema) -> None:
         """Evolve a schema'd topic: only new nullable columns may be added."""

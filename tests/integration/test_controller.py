@@ -25,7 +25,7 @@ def test_killed_controller_is_recreated_from_its_metadata(broker, topic_name):
     # coordinators loaded against this controller (a fresh coordinator asks it for producer ids lazily)
     def coordinators_loaded():
         try:
-            return ray.get([c.ping.remote() for c in admin._txn_coordinators()], timeout=30)
+            return [admin._coordinator_call(name, "ping", timeout=30) for name in admin._txn_coordinator_names()]
         except Exception:  # noqa: BLE001 - not created yet
             return False
 

@@ -362,3 +362,17 @@ def test_adds_from_many_partition_leaders_share_one_coordinator_append(broker, t
     assert sorted(committed_values(broker, topic_name, 6)) == [f"v{p}".encode() for p in range(6)]
     described = admin.describe_transaction(f"{topic_name}-tx")
     assert described.state in ("COMPLETE_COMMIT", "EMPTY"), described
+
+
+def test_admin_waits_for_a_restarting_coordinator(broker, topic_name):
+    """Admin calls to a coordinator Ray is restarting are retried, not raised (ActorUnavailableError)."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1)
+    producer = broker.producer(transactional_id=f"{topic_name}-tx")
+    producer.init_transactions()
+    with producer.transaction():
+        producer.send(topic_name, value=b"v", partition=0)
+    ray.kill(coordinator(), no_restart=False)      # Ray restarts it; it reloads its log lazily
+    desc = admin.describe_transaction(f"{topic_name}-tx")
+    assert desc.state in ("COMPLETE_COMMIT", "PREPARE_COMMIT"), desc
+    assert any(d.transactional_id == f"{topic_name}-tx" for d in admin.list_transactions())
