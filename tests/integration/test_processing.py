@@ -75,19 +75,28 @@ class Writer(threading.Thread):
             producer.close()
 
 
-def _committed(pipeline) -> dict:
+def _committed(pipeline, timeout=30) -> dict:
+    deadline = time.monotonic() + timeout
     while True:
         try:
             return dict(pipeline.committed())
         except rb.BrokerError:      # coordinator busy on a loaded machine: ask again
+            if time.monotonic() > deadline:
+                raise
             time.sleep(0.2)
 
 
 def committed_total(pipeline):
-    try:
-        return sum(v or 0 for v in pipeline.committed().values())
-    except rb.BrokerError:          # coordinator busy on a loaded machine: ask again
-        return 0
+    return sum(v or 0 for v in _committed(pipeline).values())
+
+
+def finish(writer, pipeline) -> list[dict]:
+    """Stop writing, let the pipeline consume everything written, stop it; its workers' stats."""
+    writer.stop_event.set()
+    writer.join(timeout=60)
+    assert writer.error is None, writer.error
+    pipeline.wait_until_consumed(timeout=60)
+    return pipeline.stop()
 
 
 def test_copier_exactly_once_while_a_worker_is_killed_and_restarted(broker, topic_name):
@@ -118,11 +127,7 @@ def test_copier_exactly_once_while_a_worker_is_killed_and_restarted(broker, topi
         at_kill = committed_total(pipeline)
         wait_for(lambda: committed_total(pipeline) >= at_kill + 200, timeout=60,
                  what="progress after the leader kills")
-        writer.stop_event.set()
-        writer.join(timeout=60)
-        assert writer.error is None, writer.error
-        pipeline.wait_until_consumed(timeout=60)
-        stats = pipeline.stop()
+        stats = finish(writer, pipeline)
     finally:
         writer.stop_event.set()
         pipeline.stop(timeout=30)
@@ -192,11 +197,7 @@ def test_paused_worker_resumes_as_a_zombie_and_cannot_commit(broker, topic_name)
                  what="the zombie's commit to be fenced and the worker to recreate its clients")
         resumed = committed_total(pipeline)
         wait_for(lambda: committed_total(pipeline) >= resumed + 200, timeout=60, what="progress after the resume")
-        writer.stop_event.set()
-        writer.join(timeout=60)
-        assert writer.error is None, writer.error
-        pipeline.wait_until_consumed(timeout=60)
-        stats = pipeline.stop()
+        stats = finish(writer, pipeline)
     finally:
         if pid is not None:
             os.kill(pid, signal.SIGCONT)
