@@ -71,7 +71,7 @@ def run(cluster, argv) -> dict:
         producer = cluster.producer(acks="all")
         try:
             producer.send(name, b"v", b"k").result(timeout=60)
-            leader = cluster.admin().describe_topic(name).partitions[0].leader
+            leader = bl.wait_for_leader(cluster, name, 0)
             handle = ray.get_actor(replica_actor_name(name, 0, leader), namespace=cluster.namespace)
             rpid = bl.actor_pid(handle)
             time.sleep(args.settle_seconds)

@@ -207,6 +207,19 @@ def high_watermarks(cluster, name: str) -> list[int]:
     return [p.high_watermark for p in cluster.admin().describe_topic(name).partitions]
 
 
+def wait_for_leader(cluster, name: str, partition: int, timeout_s: float = 60.0) -> int:
+    """The partition's leader, waiting through an election in progress."""
+    admin = cluster.admin()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        leader = admin.describe_topic(name).partitions[partition].leader
+        if leader is not None:
+            return leader
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}/{partition} has no leader after {timeout_s} s")
+        time.sleep(0.05)
+
+
 def wait_stable(cluster, name: str, timeout_s: float = 60.0) -> None:
     """Until every partition's last stable offset equals its high watermark (markers written)."""
     admin = cluster.admin()

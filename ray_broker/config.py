@@ -150,6 +150,9 @@ class BrokerConfig(_Config):
     replica_lag_time_max_ms: int = _opt(10_000, "a follower not caught up for this long leaves the ISR",
                                         _positive, kafka_default="30000")
     replica_health_check_interval_ms: int = _opt(500, "how often the controller polls replica state (a replica's death is seen at once)", _positive)
+    replica_session_timeout_ms: int = _opt(
+        9_000, "a replica alive but answering no poll for this long counts as failed and loses its "
+        "role (as Kafka's broker.session.timeout.ms); a dead one is seen at once", _positive)
     transaction_max_timeout_ms: int = _opt(900_000, "largest transaction.timeout.ms a producer may ask", _positive)
     transaction_coordinators: int = _opt(1, "number of transaction coordinator actors (fixed at creation)",
                                          _positive)

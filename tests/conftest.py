@@ -27,6 +27,7 @@ def broker(ray_local, tmp_path_factory):
 
     data_dir = tmp_path_factory.mktemp("broker-data")
     rb.deploy(data_dir=str(data_dir), config={"replica.health.check.interval.ms": 250,
+                                              "replica.session.timeout.ms": 4000,
                                               "coordinator.session.timeout.ms": 5000,
                                               "replica.lag.time.max.ms": 5000})
     cluster = rb.connect()

@@ -54,6 +54,9 @@ class ControllerActor:
         self._watched: dict[Key, tuple] = {}      # key -> (handle, outstanding watch ref)
         self._watches: dict = {}                   # watch ref -> key
         self.reports: dict[Key, dict] = {}
+        # key -> (when it last answered a poll, that answer): a slow (not dead) replica keeps its
+        # last answer for replica.session.timeout.ms rather than losing its role on one late poll
+        self.last_answer: dict[Key, tuple[float, dict]] = {}
         self.incarnations: dict[Key, str] = {}
         self.seen_alive: set[Key] = set()
         self.created_at: dict[Key, float] = {}
@@ -278,19 +281,28 @@ class ControllerActor:
                     h = None
                 if h is not None:
                     refs[h.ping.remote()] = key
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S) if refs else ([], [])
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S) if refs else ([], [])
         reports: dict[Key, dict] = {}
+        now = time.monotonic()
         for ref in ready:
             key = refs[ref]
             try:
                 reports[key] = ray.get(ref)
+                self.last_answer[key] = (now, reports[key])
             except (ActorDiedError, ActorUnschedulableError):
                 self.handles.pop(key, None)      # gone for good (e.g. ray.kill): recreate next round
+                self.last_answer.pop(key, None)
             except Exception:  # noqa: BLE001 - restarting or unreachable: not usable right now
-                pass
+                self.last_answer.pop(key, None)
+        session_s = self.config.replica_session_timeout_ms / 1000.0
+        slow = {}
+        for ref in late:                         # alive as far as Ray knows, just not answering yet
+            seen = self.last_answer.get(refs[ref])
+            if seen is not None and now - seen[0] < session_s:
+                slow[refs[ref]] = seen[1]
         self._check_nodes()
         with self.lock:
-            self._decide_and_push(reports)
+            self._decide_and_push(reports, slow)
             self._arm_watches(keys)
         self._ensure_coordinators()
 
@@ -341,7 +353,12 @@ class ControllerActor:
             return False
         return time.monotonic() - self.created_at.get(key, self.started) < STARTUP_GRACE_S
 
-    def _decide_and_push(self, reports: dict[Key, dict]) -> None:
+    def _decide_and_push(self, reports: dict[Key, dict], slow: dict[Key, dict] | None = None) -> None:
+        """Decide with what answered plus the slow replicas' last answers; push to those that
+        answered."""
+        pushed = reports
+        if slow:
+            reports = {**slow, **reports}
         changed = False
         for t in self.state.topics.values():
             for pi, p in enumerate(t.partitions):
@@ -358,7 +375,7 @@ class ControllerActor:
         for key, rep in reports.items():
             self.incarnations[key] = rep["incarnation"]
         self.reports = reports
-        self._push(reports)
+        self._push(pushed)
 
     def _push(self, reports: dict[Key, dict]) -> None:
         # forget finished pushes (their errors are visible in the next ping anyway)

@@ -14,12 +14,12 @@ import asyncio
 import logging
 
 import ray
-from ray.exceptions import RayActorError
 
 from ..errors import BrokerError, ConcurrentTransactionsError, NotCoordinatorError
 from ..protocol import OFFSETS_TOPIC, TXN_STATE_TOPIC, group_coordinator_name, replica_actor_name
 from ..testing import failpoints
 from ..txn.coordinator import CoordinatorResult, MarkerPlan, TxnCoordinatorShard
+from ..txn.marker_writer import MarkersFenced, MarkerWriter
 from .coordinator_base import (CoordinatorActorBase, InternalPartitionWriter, _now_ms, controller_handle,
                                records_batch)
 
@@ -40,14 +40,15 @@ class TxnCoordinatorActor(CoordinatorActorBase):
     def __init__(self, index: int, namespace: str, broker_config: dict | None = None):
         super().__init__(index, namespace, broker_config)
         self._marker_tasks: dict[str, asyncio.Task] = {}
+        self._marker_writers: dict[str, MarkerWriter] = {}    # transactional_id -> writing its markers
         # (transactional_id, producer_id, epoch) -> (partitions, future): adds from several
         # leaders of one transaction waiting behind each other become one decision and one append
         self._adds_waiting: dict[tuple, tuple[set, asyncio.Future]] = {}
 
     # ---- the base's hooks --------------------------------------------------------------------
     async def _build_shard(self, records, epoch: int) -> TxnCoordinatorShard:
-        def allocate(count: int) -> int:
-            return ray.get(controller_handle(self.namespace).allocate_producer_ids.remote(count))
+        def allocate(count: int) -> int:      # rare fallback (see init_producer_id)
+            return ray.get(controller_handle(self.namespace).allocate_producer_ids.remote(count), timeout=30)
 
         return TxnCoordinatorShard.load(records, epoch, self.config.transaction_max_timeout_ms, allocate)
 
@@ -80,59 +81,35 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         self._marker_tasks[plan.transactional_id] = asyncio.get_running_loop().create_task(self._write_markers(plan))
 
     async def _write_markers(self, plan: MarkerPlan) -> None:
-        """Write the plan's marker to every partition (retrying forever), then log completion."""
+        """Write the plan's marker to every partition (retrying until done), then log completion."""
         epoch = plan.coordinator_epoch
-        marker = [(plan.producer_id, plan.producer_epoch, plan.commit, plan.coordinator_epoch)]
+        marker = (plan.producer_id, plan.producer_epoch, plan.commit, plan.coordinator_epoch)
 
-        async def one(topic: str, partition: int) -> None:
-            backoff = 0.05
-            while self.coordinator_epoch == epoch:
-                try:
-                    if topic == OFFSETS_TOPIC:
-                        # offsets sent in the transaction: their group coordinator ends them
-                        gc = ray.get_actor(group_coordinator_name(partition), namespace=self.namespace)
-                        await gc.write_txn_marker.remote(*marker[0])
-                        return
-                    meta = metadata.get(topic)
-                    if meta is None:
-                        meta = (await controller_handle(self.namespace).get_metadata.remote([topic]))[topic]
-                    leader = meta.partitions[partition].leader
-                    if leader is not None:
-                        h = ray.get_actor(replica_actor_name(topic, partition, leader), namespace=self.namespace)
-                        await h.write_txn_markers.remote(marker)
-                        return
-                except BrokerError as exc:
-                    metadata.pop(topic, None)        # look the leader up again
-                    if exc.code.name == "TRANSACTION_COORDINATOR_FENCED":
-                        self._fence()
-                        return
-                    if exc.code.name == "UNKNOWN_TOPIC_OR_PARTITION":
-                        return      # the topic was deleted: nothing left to mark
-                except (RayActorError, ValueError):
-                    metadata.pop(topic, None)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+        async def fetch_metadata(topics):
+            return await controller_handle(self.namespace).get_metadata.remote(topics)
 
-        parts = sorted(plan.partitions)
-        # one metadata call for the whole plan (refreshed per topic when a write fails)
-        metadata: dict = {}
-        topics = sorted({t for t, _ in parts if t != OFFSETS_TOPIC})
+        async def write_marker(topic, partition, leader):
+            h = ray.get_actor(replica_actor_name(topic, partition, leader), namespace=self.namespace)
+            await h.write_txn_markers.remote([marker])
+
+        async def write_offsets_marker(partition):
+            # offsets sent in the transaction: their group coordinator ends them
+            gc = ray.get_actor(group_coordinator_name(partition), namespace=self.namespace)
+            await gc.write_txn_marker.remote(*marker)
+
+        writer = self._marker_writers[plan.transactional_id] = MarkerWriter(
+            offsets_topic=OFFSETS_TOPIC, fetch_metadata=fetch_metadata, write_marker=write_marker,
+            write_offsets_marker=write_offsets_marker, still_current=lambda: self.coordinator_epoch == epoch)
         try:
-            if topics:
-                metadata.update(await controller_handle(self.namespace).get_metadata.remote(topics))
-        except Exception:  # noqa: BLE001 - per-topic lookups below retry
-            metadata.clear()
-        # all at once (the first to finish hits the failpoint): the next transaction of this id
-        # waits for them
-        first_done = [False]
-
-        async def each(topic: str, partition: int) -> None:
-            await one(topic, partition)
-            if not first_done[0] and self.coordinator_epoch == epoch:
-                first_done[0] = True
-                failpoints.hit("txn.after_first_marker")
-
-        await asyncio.gather(*(each(t, p) for t, p in parts))
+            # the first partition done hits the failpoint; the next transaction of this id waits
+            # for all of them
+            await writer.write_all(plan.partitions, lambda: failpoints.hit("txn.after_first_marker"))
+        except MarkersFenced:
+            self._fence()
+            return
+        finally:
+            if self._marker_writers.get(plan.transactional_id) is writer:
+                del self._marker_writers[plan.transactional_id]
         if self.coordinator_epoch != epoch or self.shard is None:
             return
         failpoints.hit("txn.before_complete")
@@ -177,6 +154,12 @@ class TxnCoordinatorActor(CoordinatorActorBase):
                 "log_appends": self._group_commit.appends if self._group_commit else 0}
 
     async def init_producer_id(self, transactional_id: str, txn_timeout_ms: int) -> tuple[int, int]:
+        shard = await self._ensure_loaded()
+        if shard.needs_producer_id_block():
+            # fetched here, awaited: the shard's own fallback would block the event loop
+            start = await controller_handle(self.namespace).allocate_producer_ids.remote(shard.producer_id_block_size)
+            if shard.needs_producer_id_block():
+                shard.offer_producer_id_block(start)
         r = await self._run(lambda s: s.handle_init_producer_id(transactional_id, txn_timeout_ms, _now_ms()),
                             transactional_id)
         resp = r.reply()
@@ -248,6 +231,10 @@ class TxnCoordinatorActor(CoordinatorActorBase):
                                                       _now_ms()), transactional_id)
         resp = r.reply()
         return resp.producer_id, resp.producer_epoch
+
+    def pending_markers(self) -> dict:
+        """{transactional_id: {(topic, partition): state}} of marker writes not yet done."""
+        return {t: dict(w.progress) for t, w in self._marker_writers.items() if w.progress}
 
     async def list_transactions(self) -> list:
         return (await self._ensure_loaded()).list_transactions()

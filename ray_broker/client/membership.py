@@ -282,14 +282,15 @@ class Membership:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):
             with self._lock:
-                member_id, generation = self.member_id, self.generation_id
-            if member_id is None:
-                continue
+                member_id, generation, lost = self.member_id, self.generation_id, self.lost
+            if member_id is None or lost:
+                continue           # out of the group until the next poll() joins again
             if time.monotonic() - self.last_poll > self.max_poll_interval_s:
                 log.warning("consumer of group %s did not poll for max.poll.interval.ms (%d ms): leaving the group",
                             self.group_id, int(self.max_poll_interval_s * 1000))
                 try:
-                    self.coordinator.call("leave_group", self.group_id, member_id, timeout_s=max(0.001, timeout_s))
+                    self.coordinator.call("leave_group", self.group_id, member_id,
+                                          timeout_s=max(self.heartbeat_interval_s, self.session_timeout_ms / 3000.0))
                 except BaseException as exc:  # noqa: BLE001
                     log.info("leave_group after poll timeout failed: %s", exc)
                 with self._lock:

@@ -129,6 +129,7 @@ class TxnCoordinatorShard:
         self._block: _IdBlock | None = None
         self._reserved: ProducerIdBlockValue | None = None   # highest block durably recorded
         self._max_producer_id_seen = -1
+        self._offered_start: int | None = None     # a block fetched ahead by the caller (async)
 
     @property
     def coordinator_epoch(self) -> int:
@@ -143,11 +144,23 @@ class TxnCoordinatorShard:
             floor = max(floor, self._block.block.block_end)
         return floor
 
+    def needs_producer_id_block(self) -> bool:
+        """The current block is used up and none was offered: an actor fetches one (without
+        blocking its event loop) and hands it over with `offer_producer_id_block`."""
+        b = self._block
+        return (b is None or b.next_id >= b.block.block_end) and self._offered_start is None
+
+    def offer_producer_id_block(self, start: int) -> None:
+        """The first id of a block of `producer_id_block_size` ids reserved by the allocator."""
+        self._offered_start = start
+
     def _next_producer_id(self) -> tuple[int, ProducerIdBlockValue | None]:
         """A never-used producer id, and the block record to log with it (None if already logged)."""
         b = self._block
         if b is None or b.next_id >= b.block.block_end:
-            start = self._allocate_producer_ids(self.producer_id_block_size)
+            start, self._offered_start = self._offered_start, None
+            if start is None:
+                start = self._allocate_producer_ids(self.producer_id_block_size)
             floor = self._id_floor()
             if not isinstance(start, int) or isinstance(start, bool) or start < floor:
                 raise UnknownServerError(f"producer-id allocator returned {start!r}, below ids already "

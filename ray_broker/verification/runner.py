@@ -29,8 +29,9 @@ WARMUP_MAX_S = 90.0
 
 # faster failure detection than the defaults, as in the integration tests
 VERIFY_BROKER_CONFIG = {"replica.health.check.interval.ms": 250, "replica.lag.time.max.ms": 5000,
-                        # below the longest pause (6 s): a paused coordinator is replaced and resumes a zombie
-                        "coordinator.session.timeout.ms": 4000}
+                        # below the longest pause (6 s): a paused coordinator or leader is replaced and
+                        # resumes a zombie
+                        "coordinator.session.timeout.ms": 4000, "replica.session.timeout.ms": 3000}
 
 
 def parse_workloads(spec: str) -> list[str]:

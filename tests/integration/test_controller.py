@@ -68,3 +68,39 @@ def test_stale_controller_epoch_is_refused(broker, topic_name):
     # nothing changed: still the leader at the same epoch
     status = ray.get(replica.status.remote())
     assert status["role"] == "leader" and status["leader_epoch"] == part.leader_epoch
+
+
+def test_slow_leader_keeps_its_role_a_hung_one_loses_it(broker, topic_name):
+    """A leader that answers no poll for a moment (a busy process) keeps leading; one silent for
+    longer than replica.session.timeout.ms (4 s in the session broker) is replaced."""
+    import os
+    import signal
+    import time
+
+    from tests.helpers import leader_of, replica
+
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1, replication_factor=2)
+    wait_for(lambda: len(admin.describe_topic(topic_name).partitions[0].isr) == 2, timeout=30, what="a full ISR")
+    before = admin.describe_topic(topic_name).partitions[0]
+    pid = int(ray.get(replica(topic_name, 0, before.leader).__ray_call__.remote(lambda self: os.getpid()),
+                      timeout=30))
+    os.kill(pid, signal.SIGSTOP)          # several polls time out (1 s each, every 250 ms)
+    try:
+        time.sleep(2.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.5)
+    same = admin.describe_topic(topic_name).partitions[0]
+    assert (same.leader, same.leader_epoch) == (before.leader, before.leader_epoch), (before, same)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: leader_of(admin, topic_name) not in (None, before.leader), timeout=30,
+                 what="the hung leader to be replaced")
+        waited = admin.describe_topic(topic_name).partitions[0]
+        assert waited.leader_epoch > before.leader_epoch
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    producer = broker.producer(acks="all")
+    producer.send(topic_name, b"after", b"k", partition=0).result(timeout=60)   # the new leader serves
+    producer.close()

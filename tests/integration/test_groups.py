@@ -242,8 +242,9 @@ def test_auto_commit_and_max_poll_interval(broker, topic_name):
     group = f"g-{topic_name}"
     tp = rb.TopicPartition(topic_name, 0)
     lost = []
+    # a long session: the member must leave on its own (LeaveGroup), not by missing heartbeats
     c = broker.consumer(group_id=group, enable_auto_commit=True, auto_commit_interval_ms=200,
-                        **{**GROUP_CFG, "max_poll_interval_ms": 1500})
+                        **{**GROUP_CFG, "max_poll_interval_ms": 1500, "session_timeout_ms": 60_000})
     c.subscribe([topic_name], on_lost=lost.append)
     n = 0
     deadline = time.monotonic() + 30

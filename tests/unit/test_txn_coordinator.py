@@ -470,6 +470,23 @@ def test_producer_ids_come_in_blocks_and_are_never_reused_after_restart():
         h3.shard.handle_init_producer_id("x", 1000, 0)
 
 
+def test_a_block_offered_ahead_is_used_instead_of_calling_the_allocator():
+    h = Harness(block_size=2)
+    assert h.shard.needs_producer_id_block()
+    h.shard.offer_producer_id_block(h.allocate(2) + 0)         # what the actor fetched with await
+    assert not h.shard.needs_producer_id_block()
+    calls = h.allocations
+    assert [init(h, f"t{i}").producer_id for i in range(2)] == [0, 1]
+    assert h.allocations == calls                               # no blocking call from the shard
+    assert h.shard.needs_producer_id_block()
+    assert init(h, "t2").producer_id == 2 and h.allocations == calls + 1   # fallback still works
+    assert init(h, "t3").producer_id == 3
+    # an offered block below ids already reserved is refused like an allocator's
+    h.shard.offer_producer_id_block(0)
+    with pytest.raises(UnknownServerError):
+        h.shard.handle_init_producer_id("x", 1000, 0)
+
+
 def test_a_discarded_block_record_is_logged_again_with_the_next_id():
     h = Harness(block_size=10)
     r = h.shard.handle_init_producer_id("a", 1000, 0)
