@@ -333,6 +333,9 @@ class PartitionReplicaActor:
         for producer_id, producer_epoch, commit, coordinator_epoch in markers:
             if not self.producers.check_marker(producer_id, producer_epoch, coordinator_epoch):
                 offsets.append(-1)
+                # a retry of a marker written earlier (its call may have timed out waiting for
+                # the ISR): answer only once that earlier write is replicated too
+                last = max(last, self.log.log_end_offset - 1)
                 continue
             failpoints.hit("replica.before_marker")
             info = self.log.append(marker_batch(commit, coordinator_epoch), leader_epoch=epoch,

@@ -89,7 +89,11 @@ def hit(name: str) -> None:
     if action == "stop":
         import signal
 
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # sent to this thread, so it is the one that takes the stop (a process-wide kill lets
+        # another thread take it while this one runs on for a moment: seen in tests, a worker
+        # frozen "before its commit" had the commit already sent); the sleep covers any lag
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        time.sleep(0.05)
         return
     if arg:
         from .. import errors

@@ -169,11 +169,24 @@ def test_paused_worker_resumes_as_a_zombie_and_cannot_commit(broker, topic_name)
         zombie = pipeline.worker_handle(0)
         pid = ray.get(zombie.pid.remote(), timeout=30)
         txn_id = pipeline.stats()[0]["transactional_id"]
-        # freeze at the next commit of a transaction that wrote output
-        ray.get(zombie.arm_failpoint.remote("worker.before_commit", "stop"), timeout=30)
-        wait_for(lambda: _process_state(pid) == "T", timeout=60, what="the worker to freeze before a commit")
-        frozen = admin.describe_transaction(txn_id)
-        assert frozen.state == "ONGOING", frozen
+        # freeze at the next commit of a transaction that wrote output. Seen on a loaded box (not
+        # understood yet, noted on #5): the worker froze with its transaction's commit already on
+        # its way (PREPARE_COMMIT, or ONGOING then committed); then the scene is not set: resume it
+        # and try again
+        misses = []
+        for _attempt in range(3):
+            ray.get(zombie.arm_failpoint.remote("worker.before_commit", "stop"), timeout=30)
+            wait_for(lambda: _process_state(pid) == "T", timeout=60, what="the worker to freeze before a commit")
+            frozen = admin.describe_transaction(txn_id)
+            time.sleep(1.0)
+            settled = admin.describe_transaction(txn_id)
+            if frozen.state == settled.state == "ONGOING" and frozen.producer_epoch == settled.producer_epoch:
+                break
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(1.0)
+            misses.append((frozen, settled, pipeline.stats(timeout=5)))
+            print(f"froze without an open transaction, trying again: {misses[-1]}", flush=True)
+        assert frozen.state == "ONGOING", misses
         assert (dst, 0) in frozen.partitions or (dst, 1) in frozen.partitions, frozen
         assert any(t == "__consumer_offsets" for t, _ in frozen.partitions), frozen
         held = [tuple(tp) for st in pipeline.stats(timeout=2) if st.get("index") == 1 for tp in st["assignment"]]
@@ -187,9 +200,9 @@ def test_paused_worker_resumes_as_a_zombie_and_cannot_commit(broker, topic_name)
                              for tp in frozen_parts), timeout=90,
                  what="the surviving worker to commit for the frozen worker's partitions")
         aborted = admin.describe_transaction(txn_id)
-        assert aborted.producer_epoch > frozen.producer_epoch or aborted.producer_id != frozen.producer_id, \
-            (frozen, aborted)
-        assert aborted.state in ("PREPARE_ABORT", "COMPLETE_ABORT"), aborted
+        why = (frozen, aborted, pipeline.stats(timeout=2))
+        assert aborted.producer_epoch > frozen.producer_epoch or aborted.producer_id != frozen.producer_id, why
+        assert aborted.state in ("PREPARE_ABORT", "COMPLETE_ABORT"), why
         os.kill(pid, signal.SIGCONT)
         pid = None
         # resumed, its commit_transaction() is fenced: the worker recreates its clients and rejoins

@@ -376,3 +376,20 @@ def test_admin_waits_for_a_restarting_coordinator(broker, topic_name):
     desc = admin.describe_transaction(f"{topic_name}-tx")
     assert desc.state in ("COMPLETE_COMMIT", "PREPARE_COMMIT"), desc
     assert any(d.transactional_id == f"{topic_name}-tx" for d in admin.list_transactions())
+
+
+def test_a_retried_marker_answers_only_once_it_is_replicated(broker, topic_name):
+    """A marker write that timed out waiting for the ISR is retried by the coordinator; the retry
+    finds the marker already in the leader's log and must still wait for it to be replicated, or
+    the coordinator would complete a transaction whose marker a leader change could lose."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1, replication_factor=2)
+    wait_for(lambda: len(admin.describe_topic(topic_name).partitions[0].isr) == 2, timeout=30, what="a full ISR")
+    lid = leader_of(admin, topic_name)
+    leader, follower = replica(topic_name, 0, lid), replica(topic_name, 0, 1 - lid)
+    ray.get(follower.arm_failpoint.remote("follower.before_append", "delay", 3000), timeout=30)
+    marker = [(987_654, 5, False, 0)]     # a producer new to the partition: any coordinator epoch
+    with pytest.raises(rb.BrokerError):
+        ray.get(leader.write_txn_markers.remote(marker, 300), timeout=30)     # the ISR is slow: times out
+    assert ray.get(leader.write_txn_markers.remote(marker, 20_000), timeout=30) == [-1]   # already written
+    assert admin.describe_topic(topic_name).partitions[0].high_watermark == 1, "answered before replication"

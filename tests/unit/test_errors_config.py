@@ -65,3 +65,41 @@ def test_failpoints_raise_delay_and_count():
         with pytest.raises(failpoints.FailpointError):
             failpoints.hit("unit.other")
     failpoints.disarm()
+
+
+def test_stop_failpoint_freezes_the_caller_before_it_goes_on(tmp_path):
+    """The 'stop' action must freeze the hitting thread at the failpoint: a fault test relies on
+    nothing after it (a commit) having started while the process is stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "after"
+    code = (
+        "import threading, time, sys\n"
+        "from ray_broker.testing import failpoints\n"
+        "threading.Thread(target=lambda: [time.sleep(0.0001) for _ in iter(int, 1)], daemon=True).start()\n"
+        "failpoints.arm('t.point', 'stop')\n"
+        "failpoints.hit('t.point')\n"
+        f"open({str(marker)!r}, 'w').write('x')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        state = ""
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state == "T" or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert state == "T", state
+        time.sleep(0.3)
+        assert not marker.exists(), "the caller went past the failpoint while the process was stopping"
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=30) == 0
+        assert marker.exists()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
