@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnschedulableError, GetTimeoutError, RayActorError
 
 from ..config import BrokerConfig
+from ..controller.heartbeats import HeartbeatClock
 from ..controller.state import ClusterState, TopicRecord
 from ..errors import BrokerTimeoutError, SchemaMismatchError, UnknownTopicOrPartitionError
 from ..protocol import (TXN_STATE_TOPIC, PartitionDescription, PartitionState, TopicDescription, TopicMetadata,
@@ -32,6 +33,7 @@ PING_TIMEOUT_S = 1.0
 STARTUP_GRACE_S = 15.0
 NODE_CHECK_S = 1.0
 COORDINATOR_PING_S = 1.0
+COORDINATOR_STARTUP_S = 60.0  # a coordinator's process start on a loaded machine (see HeartbeatClock)
 SHUTDOWN_CLOSE_S = 5.0        # how long a controlled shutdown waits for replicas to close their logs
 Key = tuple[str, int, int]
 
@@ -62,7 +64,9 @@ class ControllerActor:
         self.created_at: dict[Key, float] = {}
         self.started = time.monotonic()
         self._pending_pushes: list = []
-        self._coordinator_liveness: dict[str, tuple[float, object]] = {}   # name -> (last answer, heartbeat ref)
+        self._heartbeats = HeartbeatClock(self.config.coordinator_session_timeout_ms / 1000.0,
+                                          max(COORDINATOR_STARTUP_S, self.config.coordinator_session_timeout_ms / 1000.0))
+        self._heartbeat_refs: dict[str, object] = {}   # coordinator name -> outstanding liveness call
         self._last_node_check = 0.0
         self._nodes: list[str] = alive_node_ids()
         self._remap_nodes_after_restart()
@@ -184,35 +188,41 @@ class ControllerActor:
             except ValueError:
                 actor_class.options(**options(name, self.namespace)).remote(index, self.namespace,
                                                                              self.config.to_dict())
-                self._coordinator_liveness.pop(name, None)
+                self._forget_heartbeat(name)
+                self._heartbeats.seen(name, time.monotonic())
                 continue
             if ping_due:
                 self._pending_pushes.append(handle.ping.remote())
                 self._check_coordinator_heartbeat(name, handle)
 
+    def _forget_heartbeat(self, name: str) -> None:
+        self._heartbeats.forget(name)
+        self._heartbeat_refs.pop(name, None)
+
     def _check_coordinator_heartbeat(self, name: str, handle) -> None:
         now = time.monotonic()
-        last_ok, outstanding = self._coordinator_liveness.get(name, (now, None))
+        self._heartbeats.seen(name, now)
+        outstanding = self._heartbeat_refs.pop(name, None)
         if outstanding is not None:
             done, _ = ray.wait([outstanding], timeout=0)
             if done:
                 try:
                     ray.get(done[0])
-                    last_ok = now
-                except Exception:  # noqa: BLE001 - dead or restarting: the name lookup sorts that out
-                    pass
+                    self._heartbeats.answered(name, now)
+                except Exception:  # noqa: BLE001 - died: Ray restarts it (or the name lookup recreates it)
+                    self._heartbeats.died(name, now)
                 outstanding = None
-            elif now - last_ok > self.config.coordinator_session_timeout_ms / 1000.0:
-                log.warning("coordinator %s answered no heartbeat for %.1f s: replacing it", name, now - last_ok)
+            elif self._heartbeats.hung(name, now):
+                state = "answered no heartbeat" if self._heartbeats.started(name) else "did not start"
+                log.warning("coordinator %s %s for %.1f s: replacing it", name, state,
+                            self._heartbeats.silent_for(name, now))
                 try:
                     ray.kill(handle, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-                self._coordinator_liveness.pop(name, None)
+                self._forget_heartbeat(name)
                 return
-        if outstanding is None:
-            outstanding = handle.liveness.remote()
-        self._coordinator_liveness[name] = (last_ok, outstanding)
+        self._heartbeat_refs[name] = outstanding if outstanding is not None else handle.liveness.remote()
 
     def coordinator_identity(self, kind: str, index: int) -> tuple[int, int]:
         """(producer id, new coordinator epoch) for a coordinator (re)loading its state."""

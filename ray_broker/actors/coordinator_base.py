@@ -136,6 +136,7 @@ class CoordinatorActorBase:
     CONCURRENT_KEYS = False
 
     def __init__(self, index: int, namespace: str, broker_config: dict | None = None):
+        failpoints.hit("coordinator.start")
         self.index = index
         self.namespace = namespace
         self.config = BrokerConfig.from_dict(broker_config or {})
