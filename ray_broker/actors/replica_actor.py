@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 LEADER, FOLLOWER = "leader", "follower"
 REPLICATION_MAX_BYTES = 8 * 1024 * 1024
-PUMP_IDLE_S = 1.0             # idle heartbeat to followers (HW changes are pushed at once)
+PUMP_IDLE_S = 1.0             # idle heartbeat to followers
+HW_PUSH_DELAY_S = 0.05        # a follower learns a new HW with the next data, or alone after this
 MAINTENANCE_S = 0.5
 PREDECESSOR_WAIT_S = 0.5      # how long an out-of-order idempotent batch waits for its predecessor
 HW_CHECKPOINT_S = 5.0          # Kafka's replica.high.watermark.checkpoint.interval.ms
@@ -490,6 +491,7 @@ class PartitionReplicaActor:
     async def _pump(self, follower: int, epoch: int) -> None:
         """Push the log to one follower until this leadership ends."""
         follower_leo: int | None = None
+        hw_sent = -1
         backoff = 0.05
         while self.role == LEADER and self.leader_epoch == epoch:
             state = self.leader_state
@@ -501,17 +503,19 @@ class PartitionReplicaActor:
                                           if follower_leo >= self.log.log_end_offset else follower_leo + 1, _now_ms())
                 leo = self.log.log_end_offset
                 if follower_leo >= leo:
-                    await self._wait_changed(PUMP_IDLE_S)
+                    await self._idle_until_data(follower_leo, hw_sent, epoch)
                     if self.role != LEADER or self.leader_epoch != epoch:
                         return
                     if self.log.log_end_offset <= follower_leo:
-                        follower_leo = await h.replicate.remote(epoch, b"", follower_leo, self.high_watermark)
+                        hw_sent = self.high_watermark
+                        follower_leo = await h.replicate.remote(epoch, b"", follower_leo, hw_sent)
                         state.on_follower_ack(follower, follower_leo, self.log.log_end_offset, _now_ms())
                         self._after_ack()
                         continue
                     leo = self.log.log_end_offset
                 _headers, frames = self.log.read_frames(follower_leo, REPLICATION_MAX_BYTES)
-                follower_leo = await h.replicate.remote(epoch, frames, follower_leo, self.high_watermark)
+                hw_sent = self.high_watermark
+                follower_leo = await h.replicate.remote(epoch, frames, follower_leo, hw_sent)
                 state.on_follower_ack(follower, follower_leo, leo, _now_ms())
                 self._after_ack()
                 backoff = 0.05
@@ -534,6 +538,23 @@ class PartitionReplicaActor:
                 follower_leo = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
+
+    async def _idle_until_data(self, follower_leo: int, hw_sent: int, epoch: int) -> None:
+        """Wait for new data for a follower that has everything. A high watermark it has not seen
+        yet rides the next data push; it is sent alone only if no data comes within
+        HW_PUSH_DELAY_S (pushing every HW move at once doubled the replication calls under load),
+        and a heartbeat goes out after PUMP_IDLE_S of quiet."""
+        loop = asyncio.get_running_loop()
+        idle_by = loop.time() + PUMP_IDLE_S
+        hw_by = None
+        while self.role == LEADER and self.leader_epoch == epoch and self.log.log_end_offset <= follower_leo:
+            now = loop.time()
+            if hw_by is None and self.high_watermark > hw_sent:
+                hw_by = now + HW_PUSH_DELAY_S
+            due = idle_by if hw_by is None else min(idle_by, hw_by)
+            if now >= due:
+                return
+            await self._wait_changed(due - now)
 
     async def _sync_follower(self, h, epoch: int) -> int:
         """Truncate the follower to the point where its log agrees with ours (by leader epoch)."""

@@ -111,3 +111,17 @@ def test_follower_rejoins_isr_after_restart_and_catches_up(broker, topic_name):
     assert hw == 2000
     st = ray.get(_replica(topic_name, 0, follower).status.remote())
     assert st["log_end_offset"] == 2000 and st["role"] == "follower"
+
+
+def test_followers_learn_the_high_watermark_without_further_writes(broker, topic_name):
+    # the HW rides the next data push; with no next push it must still reach the followers
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1, replication_factor=3, config={"min.insync.replicas": 2})
+    wait_for(lambda: len(_leader(admin, topic_name).isr) == 3, timeout=60, what="full ISR")
+    producer = broker.producer(acks="all")
+    producer.send(topic_name, value=b"only", partition=0).result(30)
+    producer.close()
+    leader = _leader(admin, topic_name).leader
+    followers = [_replica(topic_name, 0, r) for r in range(3) if r != leader]
+    wait_for(lambda: all(ray.get(f.ping.remote())["high_watermark"] == 1 for f in followers), timeout=10,
+             what="followers' high watermark 1")
