@@ -403,6 +403,30 @@ def test_inflight_pipelining_acks0_and_buffer_memory(cluster, ctx, shared):
         assert prod.send_batch(topic, pa.table({"value": [b"1", b"2"]})).result(timeout=10).offsets.tolist() == [-1, -1]
 
 
+
+def test_lingered_batches_wait_for_the_call_in_flight_and_grow(cluster, ctx, shared):
+    # only full batches pipeline: a batch sent for its linger waits while a call to its partition is
+    # in flight (and grows), so slow calls do not multiply into one call per lingered record
+    topic, reps = shared
+    ray.get(reps[0].get_max_active.remote())
+    ncalls = len(ray.get(reps[0].get_calls.remote()))
+    ray.get(reps[0].inject.remote(delay=0.1))
+    try:
+        with Producer(ctx, pcfg(linger_ms=0)) as prod:        # 1 MiB batch.size: never full here
+            prod.idempotence.enabled = True
+            prod.idempotence.producer_id, prod.idempotence.producer_epoch = 3, 0
+            futs = []
+            for i in range(20):
+                futs.append(prod.send(topic, value=b"%04d" % i))
+                time.sleep(0.01)
+            offsets = [f.result(timeout=10).offset for f in futs]
+        assert offsets == list(range(offsets[0], offsets[0] + 20))
+        calls = ray.get(reps[0].get_calls.remote())[ncalls:]
+        assert ray.get(reps[0].get_max_active.remote()) == 1
+        assert sum(c[0] for c in calls) == 20 and len(calls) <= 6, calls   # ~3 calls of 100 ms, not 20
+    finally:
+        ray.get(reps[0].inject.remote(delay=0.0))
+
 def test_callbacks_and_close_semantics(cluster, ctx, shared):
     topic, reps = shared
     base = log_end(reps[0])
