@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Consumer", "GroupMetadata"]
 
 RETRY_BACKOFF_S = 0.1
+# a partition's buffered batches are joined into one per poll up to this size; a bigger batch is
+# returned alone (joining copies: W4's consumer spent ~28 % of its CPU in concat_batches)
+COALESCE_BYTES = 1 << 20
 GROUP_WAIT_S = 0.1            # longest wait inside poll() between checks of the group state
 DEFAULT_ASSIGNOR = "range"    # Kafka's default (partition.assignment.strategy)
 
@@ -221,7 +224,8 @@ class Consumer:
     def poll(self, timeout: float | None = 1.0) -> dict[TopicPartition, pa.RecordBatch]:
         """Records fetched within `timeout` seconds (None: until something arrives):
         {partition: one RecordBatch}; partitions with nothing new are left out (an empty dict when
-        nothing arrived). Retriable errors (leader moved, actor restarted) are retried inside;
+        nothing arrived). A partition's fetched batches are joined up to 1 MiB per poll; a bigger
+        one comes alone, uncopied (the rest follows in the next polls). Retriable errors (leader moved, actor restarted) are retried inside;
         `OffsetOutOfRangeError` with auto.offset.reset='none' and non-retriable errors raise."""
         self._check_open()
         group = self._membership is not None
@@ -342,7 +346,7 @@ class Consumer:
             while ps.buffer and records_left > 0:
                 b = ps.buffer[0]
                 nb = b.nbytes
-                if taken and (part_bytes + nb > c.max_partition_fetch_bytes or nb > bytes_left):
+                if taken and (part_bytes + nb > min(c.max_partition_fetch_bytes, COALESCE_BYTES) or nb > bytes_left):
                     break
                 if (out or taken) and nb > bytes_left:
                     break

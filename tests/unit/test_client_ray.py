@@ -539,3 +539,27 @@ def test_fetch_bytes_limits(cluster, ctx, shared):
             sizes.append(b.num_rows)
             assert b.nbytes <= 2 * 15_000
     assert sum(sizes) == 50 and len(sizes) > 1
+
+
+def test_poll_joins_small_batches_and_hands_big_ones_over_uncopied(cluster, ctx, shared):
+    topic, reps = shared
+    tp = TopicPartition(topic, 0)
+    base = log_end(reps[0])
+    with Producer(ctx, pcfg(linger_ms=0)) as prod:
+        for _ in range(3):                                  # 3 batches of ~800 KB
+            prod.send_batch(topic, pa.table({"value": [b"x" * 1000] * 800}), partition=0).result(10)
+        for _ in range(10):                                 # then 10 small ones
+            prod.send_batch(topic, pa.table({"value": [b"y" * 10] * 5}), partition=0).result(10)
+    cons = Consumer(ctx, ConsumerConfig(auto_offset_reset="earliest", fetch_max_wait_ms=50))
+    cons.assign([tp])
+    cons.seek(tp, base)
+    polled = []
+    deadline = time.monotonic() + 10
+    while sum(n for n, _ in polled) < 2450 and time.monotonic() < deadline:
+        for _, b in cons.poll(0.3).items():
+            polled.append((b.num_rows, b.nbytes))
+    cons.close()
+    assert sum(n for n, _ in polled) == 2450
+    # joined up to 1 MiB per poll (the old poll returned all 2450 rows as one copied batch)
+    assert [n for n, _ in polled[:2]] == [800, 800] and all(nb <= 1 << 20 for _, nb in polled), polled
+    assert len(polled) <= 5, polled                                 # the small ones come joined
