@@ -78,6 +78,7 @@ def run(cluster, argv) -> dict:
             bare_idle = statistics.median(samples(lambda: bl.pss_mb(bare_pid), args.samples))
             rep_idle = statistics.median(samples(lambda: bl.pss_mb(rpid), args.samples))
             rep_rss_idle = bl.rss_mb(rpid)
+            rep_idle_anon = bl.pss_parts_mb(rpid)["anon"]
             driver_before = bl.pss_mb(me)
             bl.log(f"memory: idle replica {rep_idle} MB PSS, bare actor {bare_idle} MB; load for {args.seconds} s ...")
             stop = threading.Event()
@@ -93,7 +94,8 @@ def run(cluster, argv) -> dict:
 
             t = threading.Thread(target=load, daemon=True)
             with bl.Sampler(lambda: bl.pss_mb(rpid)) as rep_s, bl.Sampler(lambda: bl.pss_mb(bare_pid)) as bare_s, \
-                    bl.Sampler(lambda: bl.pss_mb(me)) as drv_s:
+                    bl.Sampler(lambda: bl.pss_mb(me)) as drv_s, \
+                    bl.Sampler(lambda: bl.pss_parts_mb(rpid)["anon"]) as anon_s:
                 t.start()
                 time.sleep(args.seconds)
                 stop.set()
@@ -101,6 +103,7 @@ def run(cluster, argv) -> dict:
             driver_after = bl.pss_mb(me)
             time.sleep(args.after_seconds)
             rep_after = statistics.median(samples(lambda: bl.pss_mb(rpid), args.samples))
+            rep_after_parts = bl.pss_parts_mb(rpid)
             bare_after = statistics.median(samples(lambda: bl.pss_mb(bare_pid), args.samples))
             size = cluster.admin().describe_topic(name).partitions[0].high_watermark
         finally:
@@ -115,6 +118,11 @@ def run(cluster, argv) -> dict:
         "replica_load_pss_max_mb": rep_load_max, "replica_load_pss_median_mb": rep_load_med,
         "extra_load_max_mb": None if rep_load_max is None else round(rep_load_max - bare_load, 1),
         "replica_after_load_pss_mb": rep_after, "extra_after_load_mb": round(rep_after - bare_after, 1),
+        # what the PSS under load is made of: the replica's own heap stays small; the rest is Ray's
+        # object store (shmem: produce batches arrive through it) and segment page cache (file)
+        "replica_idle_pss_anon_mb": rep_idle_anon,
+        "replica_load_pss_anon_max_mb": max(anon_s.values, default=None),
+        "replica_after_load_pss_parts_mb": rep_after_parts,
         "records_written_under_load": sent[0], "log_records": size,
         "driver_pss_before_mb": driver_before, "driver_pss_max_mb": max(drv_s.values) if drv_s.values else None,
         "driver_pss_after_mb": driver_after, "errors": 0,

@@ -126,6 +126,13 @@ def pss_mb(pid: int) -> float | None:
     return None if kb is None else round(kb / 1024, 1)
 
 
+def pss_parts_mb(pid: int) -> dict:
+    """PSS split by kind (smaps_rollup): anon (the process's own heap), file (mapped files: for a
+    replica, the page cache of its segments) and shmem (for a Ray worker, Ray's object store)."""
+    return {kind: None if (kb := _proc_kb(pid, "smaps_rollup", f"Pss_{kind.capitalize()}")) is None
+            else round(kb / 1024, 1) for kind in ("anon", "file", "shmem")}
+
+
 def rss_mb(pid: int) -> float | None:
     kb = _proc_kb(pid, "smaps_rollup", "Rss")
     return None if kb is None else round(kb / 1024, 1)
