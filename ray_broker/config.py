@@ -190,7 +190,8 @@ class ProducerConfig(_Config):
     linger_ms: int = _opt(5, "wait this long for more records before sending a batch", _non_negative)
     batch_size: int = _opt(1 * MiB, "send a partition's batch when it reaches this many bytes", _positive,
                            kafka_default="16384")
-    max_in_flight_requests_per_connection: int = _opt(5, "batches in flight per partition",
+    max_in_flight_requests_per_connection: int = _opt(5, "full batches in flight per partition (a batch sent "
+                                                      "for its linger waits for the call in flight)",
                                                       lambda v: 1 <= v <= 5)
     delivery_timeout_ms: int = _opt(120_000, "give up on a record after this long (retries included)", _positive)
     request_timeout_ms: int = _opt(30_000, "wait this long for one produce call", _positive)
