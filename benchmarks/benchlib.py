@@ -129,8 +129,16 @@ def pss_mb(pid: int) -> float | None:
 def pss_parts_mb(pid: int) -> dict:
     """PSS split by kind (smaps_rollup): anon (the process's own heap), file (mapped files: for a
     replica, the page cache of its segments) and shmem (for a Ray worker, Ray's object store)."""
-    return {kind: None if (kb := _proc_kb(pid, "smaps_rollup", f"Pss_{kind.capitalize()}")) is None
-            else round(kb / 1024, 1) for kind in ("anon", "file", "shmem")}
+    out: dict = {"anon": None, "file": None, "shmem": None}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:       # one read: the sampler calls this often
+            for line in f:
+                kind = line.split(":")[0].removeprefix("Pss_").lower()
+                if line.startswith("Pss_") and kind in out:
+                    out[kind] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
 
 
 def rss_mb(pid: int) -> float | None:

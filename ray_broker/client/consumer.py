@@ -225,7 +225,8 @@ class Consumer:
         """Records fetched within `timeout` seconds (None: until something arrives):
         {partition: one RecordBatch}; partitions with nothing new are left out (an empty dict when
         nothing arrived). A partition's fetched batches are joined up to 1 MiB per poll; a bigger
-        one comes alone, uncopied (the rest follows in the next polls). Retriable errors (leader moved, actor restarted) are retried inside;
+        one comes alone, uncopied (the rest follows in the next polls). Retriable errors (leader
+        moved, actor restarted) are retried inside;
         `OffsetOutOfRangeError` with auto.offset.reset='none' and non-retriable errors raise."""
         self._check_open()
         group = self._membership is not None

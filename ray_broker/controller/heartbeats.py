@@ -55,5 +55,5 @@ class HeartbeatClock:
         return self.silent_for(name, now) > limit
 
     def forget(self, name: str) -> None:
-        """The process is gone (replaced or died): its successor starts a fresh clock."""
+        """The process was replaced (killed, or its name freed): its successor starts a fresh clock."""
         self._watches.pop(name, None)
