@@ -34,6 +34,7 @@ from ..storage.frame import decode_payload, iter_frames
 from ..storage.producer_state import ProducerStateManager, marker_batch
 from ..testing import failpoints
 from .deployment import ensure_controller
+from .naming import NamedActors
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class PartitionReplicaActor:
         self._changed: asyncio.Condition | None = None
         self._isr_request_inflight = False
         self._handles: dict[int, object] = {}
+        self._named = NamedActors(namespace)      # transaction coordinators
         self._last_hw_checkpoint = self.high_watermark
         self._last_hw_checkpoint_time = 0.0
 
@@ -314,9 +316,8 @@ class PartitionReplicaActor:
         from ..client.partitioner import murmur2, to_positive
 
         n = to_positive(murmur2(transactional_id.encode())) % self._txn_coordinators
-        coordinator = ray.get_actor(txn_coordinator_name(n), namespace=self.namespace)
-        await coordinator.add_partitions_from_leader.remote(
-            transactional_id, producer_id, producer_epoch, [(self.topic, self.partition)])
+        await self._named.call(txn_coordinator_name(n), "add_partitions_from_leader",
+                               transactional_id, producer_id, producer_epoch, [(self.topic, self.partition)])
         self._require_leader()
         if self.leader_epoch != epoch:
             raise NotLeaderOrFollowerError(f"{self.topic}/{self.partition}: leadership moved")

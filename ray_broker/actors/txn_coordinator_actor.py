@@ -16,12 +16,14 @@ import logging
 import ray
 
 from ..errors import BrokerError, ConcurrentTransactionsError, NotCoordinatorError
-from ..protocol import OFFSETS_TOPIC, TXN_STATE_TOPIC, group_coordinator_name, replica_actor_name
+from ..protocol import (CONTROLLER_NAME, OFFSETS_TOPIC, TXN_STATE_TOPIC, group_coordinator_name,
+                        replica_actor_name)
 from ..testing import failpoints
 from ..txn.coordinator import CoordinatorResult, MarkerPlan, TxnCoordinatorShard
 from ..txn.marker_writer import MarkersFenced, MarkerWriter
 from .coordinator_base import (CoordinatorActorBase, InternalPartitionWriter, _now_ms, controller_handle,
                                records_batch)
+from .naming import NamedActors
 
 __all__ = ["TxnCoordinatorActor", "TxnCoordinator", "txn_coordinator_options", "InternalPartitionWriter",
            "records_batch"]
@@ -40,6 +42,8 @@ class TxnCoordinatorActor(CoordinatorActorBase):
     def __init__(self, index: int, namespace: str, broker_config: dict | None = None):
         super().__init__(index, namespace, broker_config)
         self._marker_tasks: dict[str, asyncio.Task] = {}
+        self._named = NamedActors(namespace)     # partition leaders, group coordinators, the controller
+        self._marker_metadata: dict = {}         # topic -> metadata, shared by all marker writes
         self._marker_writers: dict[str, MarkerWriter] = {}    # transactional_id -> writing its markers
         # (transactional_id, producer_id, epoch) -> (partitions, future): adds from several
         # leaders of one transaction waiting behind each other become one decision and one append
@@ -85,21 +89,22 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         epoch = plan.coordinator_epoch
         marker = (plan.producer_id, plan.producer_epoch, plan.commit, plan.coordinator_epoch)
 
+        named = self._named
+
         async def fetch_metadata(topics):
-            return await controller_handle(self.namespace).get_metadata.remote(topics)
+            return await named.call(CONTROLLER_NAME, "get_metadata", topics)
 
         async def write_marker(topic, partition, leader):
-            h = ray.get_actor(replica_actor_name(topic, partition, leader), namespace=self.namespace)
-            await h.write_txn_markers.remote([marker])
+            await named.call(replica_actor_name(topic, partition, leader), "write_txn_markers", [marker])
 
         async def write_offsets_marker(partition):
             # offsets sent in the transaction: their group coordinator ends them
-            gc = ray.get_actor(group_coordinator_name(partition), namespace=self.namespace)
-            await gc.write_txn_marker.remote(*marker)
+            await named.call(group_coordinator_name(partition), "write_txn_marker", *marker)
 
         writer = self._marker_writers[plan.transactional_id] = MarkerWriter(
             offsets_topic=OFFSETS_TOPIC, fetch_metadata=fetch_metadata, write_marker=write_marker,
-            write_offsets_marker=write_offsets_marker, still_current=lambda: self.coordinator_epoch == epoch)
+            write_offsets_marker=write_offsets_marker, still_current=lambda: self.coordinator_epoch == epoch,
+            metadata_cache=self._marker_metadata)
         try:
             # the first partition done hits the failpoint; the next transaction of this id waits
             # for all of them

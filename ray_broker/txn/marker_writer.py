@@ -29,13 +29,17 @@ class MarkerWriter:
                  write_marker: Callable[[str, int, int], Awaitable[None]],
                  write_offsets_marker: Callable[[int], Awaitable[None]],
                  still_current: Callable[[], bool],
-                 backoff_s: tuple[float, float] = (0.05, 1.0)):
+                 backoff_s: tuple[float, float] = (0.05, 1.0),
+                 metadata_cache: dict | None = None):
         self.offsets_topic = offsets_topic
         self.fetch_metadata = fetch_metadata
         self.write_marker = write_marker
         self.write_offsets_marker = write_offsets_marker
         self.still_current = still_current
         self.backoff_s = backoff_s
+        # topic -> metadata; may be shared by the writers of one coordinator (a failed write drops
+        # its topic's entry, so stale leaders are looked up again)
+        self.metadata_cache = {} if metadata_cache is None else metadata_cache
         # (topic, partition) -> what its write is doing; entries leave when done (for operators)
         self.progress: dict[Partition, str] = {}
 
@@ -44,13 +48,13 @@ class MarkerWriter:
         False when this coordinator stopped being current. Raises `MarkersFenced`."""
         parts = sorted(partitions)
         self.progress = {p: "pending" for p in parts}
-        topics = sorted({t for t, _ in parts if t != self.offsets_topic})
-        cache: dict = {}
+        cache = self.metadata_cache
+        topics = sorted({t for t, _ in parts if t != self.offsets_topic and t not in cache})
         if topics:
             try:     # one metadata call for the whole plan; refreshed per topic when a write fails
                 cache.update(await self.fetch_metadata(topics))
             except Exception:  # noqa: BLE001 - per-topic lookups below retry
-                cache.clear()
+                pass
         first = [on_first_done]
 
         async def each(topic: str, partition: int) -> None:
