@@ -16,6 +16,27 @@ replica of a fresh topic (1 partition, `--replication-factor`, default 1):
 Also the driver's PSS before and after the load (the producer's memory is bounded by
 buffer.memory, 64 MiB). Target (issue 7): a replica at most 80 MB PSS over a bare actor
 (`extra_*_mb`, MB = MiB here).
+
+Clients (`clients` in the JSON line; `--skip-clients` leaves them out): "the producer's and
+consumer's memory stays bounded by buffer.memory and fetch limits, whatever the topic size". Each
+client runs alone in a Ray actor of its own (`benchlib.ClientProcess`, a fresh process per
+measurement) and its PSS is sampled from the driver every 0.05 s. For two amounts of data, 1x
+(`--client-mb`, default 100 MiB of 116-byte records) and `--client-scale`x (default 4x), each on a
+fresh `--client-partitions` (6) partition RF 1 topic:
+
+- send_batch: a producer with buffer.memory `--client-buffer-mb` (16 MiB) writes the records in
+  `--batch-rows`-row batches; its reserved bytes (`_used_bytes`, queued plus unacknowledged) are
+  sampled every 5 ms inside the process;
+- consume: a read_committed consumer with max.partition.fetch.bytes `--fetch-partition-mb` (1 MiB)
+  and fetch.max.bytes `--fetch-max-mb` (8 MiB) reads the whole topic back;
+- send: a producer with the same buffer.memory writes `--send-mb` (10 MiB) x 1 or x scale of
+  records with send() (appended to the same topic after the read).
+
+Per run: PSS baseline (median after construction and a warm-up record), max during the run and
+max minus baseline (`growth_mb`; also by kind: anon = heap, shmem = Ray's object store), next to
+the configured bound. What matters: the growth does not grow with the data (targets: growth at
+scale x / growth at 1x <= 1.5; producer's max reserved bytes / buffer.memory <= 1). Speed is not
+asserted.
 """
 from __future__ import annotations
 
@@ -32,10 +53,14 @@ import benchlib as bl  # noqa: E402
 from ray_broker.protocol import replica_actor_name  # noqa: E402
 from ray_broker.testing import datagen  # noqa: E402
 
+MiB = 1 << 20
+RECORD_BYTES = 116   # 16-byte key + 100-byte value
 FULL = {"seconds": 10.0, "replication_factor": 1, "batch_rows": 20_000, "settle_seconds": 1.0, "after_seconds": 2.0,
-        "samples": 5}
+        "samples": 5, "client_mb": 100.0, "client_scale": 4, "send_mb": 10.0, "client_partitions": 6,
+        "client_buffer_mb": 16.0, "fetch_partition_mb": 1.0, "fetch_max_mb": 8.0}
 SMOKE = {"seconds": 0.5, "replication_factor": 1, "batch_rows": 500, "settle_seconds": 0.1, "after_seconds": 0.2,
-         "samples": 2}
+         "samples": 2, "client_mb": 1.0, "client_scale": 4, "send_mb": 0.2, "client_partitions": 2,
+         "client_buffer_mb": 1.0, "fetch_partition_mb": 0.0625, "fetch_max_mb": 0.5}
 
 
 def parser():
@@ -46,6 +71,14 @@ def parser():
     ap.add_argument("--samples", type=int, help="PSS samples (0.1 s apart) for idle and after figures (default 5)")
     ap.add_argument("--settle-seconds", type=float, help="wait before the idle samples (default 1)")
     ap.add_argument("--after-seconds", type=float, help="wait after the load before the last samples (default 2)")
+    ap.add_argument("--skip-clients", action="store_true", help="leave out the client (producer/consumer) section")
+    ap.add_argument("--client-mb", type=float, help="clients: MiB of records at 1x (default 100)")
+    ap.add_argument("--client-scale", type=int, help="clients: the larger amount, x 1x (default 4)")
+    ap.add_argument("--send-mb", type=float, help="clients: MiB of records written with send() at 1x (default 10)")
+    ap.add_argument("--client-partitions", type=int, help="clients: partitions of the topic (default 6)")
+    ap.add_argument("--client-buffer-mb", type=float, help="clients: producer buffer.memory, MiB (default 16)")
+    ap.add_argument("--fetch-partition-mb", type=float, help="clients: max.partition.fetch.bytes, MiB (default 1)")
+    ap.add_argument("--fetch-max-mb", type=float, help="clients: fetch.max.bytes, MiB (default 8)")
     return ap
 
 
@@ -57,6 +90,99 @@ def samples(fn, n: int = 5, gap: float = 0.1) -> list[float]:
             out.append(v)
         time.sleep(gap)
     return out
+
+
+def _mb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else round(nbytes / MiB, 2)
+
+
+def _measure(cluster, args, prepare: str, prepare_args: tuple, method: str, method_args: tuple) -> dict:
+    """One client in a fresh `ClientProcess`: `prepare` (construction, warm-up), baseline PSS, then
+    `method` while the driver samples the process's PSS; the method's figures plus the PSS ones."""
+    actor = bl.ClientProcess.remote(cluster.namespace)
+    try:
+        pid = ray.get(actor.pid.remote(), timeout=120)
+        ray.get(getattr(actor, prepare).remote(*prepare_args), timeout=120)
+        time.sleep(args.settle_seconds)
+        base = statistics.median(samples(lambda: bl.pss_mb(pid), args.samples))
+        base_parts = bl.pss_parts_mb(pid)
+        with bl.Sampler(lambda: bl.pss_mb(pid), 0.05) as pss_s, bl.Sampler(lambda: bl.pss_parts_mb(pid), 0.1) as parts_s:
+            out = ray.get(getattr(actor, method).remote(*method_args), timeout=900)
+        after = bl.pss_mb(pid)
+    finally:
+        ray.kill(actor)
+    top = max(pss_s.values, default=base)
+    out.update({"pss_baseline_mb": base, "pss_max_mb": top, "growth_mb": round(top - base, 1),
+                "pss_after_mb": after, "pss_samples": len(pss_s.values)})
+    for kind in ("anon", "shmem"):
+        vals = [v[kind] for v in parts_s.values if v.get(kind) is not None]
+        if vals and base_parts.get(kind) is not None:
+            out[f"growth_{kind}_mb"] = round(max(vals) - base_parts[kind], 1)
+    return out
+
+
+def client_section(cluster, args) -> tuple[dict, list, bool, dict]:
+    """The producer and consumer runs at 1x and scale x (see the module docstring):
+    (results by size, targets, complete, settings)."""
+    if args.client_scale < 2:
+        raise SystemExit("--client-scale must be at least 2")
+    parts = args.client_partitions
+    buffer_memory = int(args.client_buffer_mb * MiB)
+    fetch_partition = int(args.fetch_partition_mb * MiB)
+    fetch_max = int(args.fetch_max_mb * MiB)
+    pcfg = {"acks": "all", "buffer.memory": buffer_memory}
+    ccfg = {"isolation.level": "read_committed", "auto.offset.reset": "earliest",
+            "max.partition.fetch.bytes": fetch_partition, "fetch.max.bytes": fetch_max}
+    sizes = {"1x": 1, f"{args.client_scale}x": args.client_scale}
+    results: dict = {}
+    ok = True
+    for label, factor in sizes.items():
+        batch_records = int(args.client_mb * factor * MiB // RECORD_BYTES)
+        send_records = int(args.send_mb * factor * MiB // RECORD_BYTES)
+        t0 = time.perf_counter()
+        with bl.topic(cluster, "memc", parts, 1) as name:
+            before = sum(bl.high_watermarks(cluster, name))
+            prod = _measure(cluster, args, "open_producer", (name, pcfg, args.batch_rows), "produce",
+                            (name, batch_records, False))
+            written = sum(bl.high_watermarks(cluster, name)) - before
+            prod["log_records"] = written
+            cons = _measure(cluster, args, "open_consumer", (name, parts, ccfg), "consume",
+                            (name, parts, ccfg, RECORD_BYTES))
+            sent = _measure(cluster, args, "open_producer", (name, pcfg, args.batch_rows), "produce",
+                            (name, send_records, True))
+            sent["log_records"] = sum(bl.high_watermarks(cluster, name)) - before - written
+        largest = cons.get("largest_batch_bytes") or 0
+        for r in (prod, sent):
+            r.update({"mb": round(r["records"] * RECORD_BYTES / MiB, 1), "buffer_memory_mb": _mb(buffer_memory),
+                      "max_used_mb": _mb(r["max_used_bytes"])})
+            ok = ok and r["errors"] == 0 and r["log_records"] == r["records"] + 2   # + the 2 warm-up records
+        cons.update({"mb": round(cons["records"] * RECORD_BYTES / MiB, 1),
+                     # held between polls: one fetch result per partition (a fetch returns at least one
+                     # whole stored batch, so a batch above max.partition.fetch.bytes comes alone)
+                     "held_bound_mb": _mb(parts * max(fetch_partition, largest)),
+                     "poll_bound_mb": _mb(fetch_max), "max_held_mb": _mb(cons["max_held_bytes"]),
+                     "max_poll_mb": _mb(cons["max_poll_bytes"]), "largest_batch_mb": _mb(largest)})
+        ok = ok and cons["complete"] and cons["records"] == written
+        results[label] = {"send_batch": prod, "consume": cons, "send": sent}
+        bl.log(f"memory/clients {label}: send_batch {prod['mb']} MiB growth {prod['growth_mb']} MB, consume growth "
+               f"{cons['growth_mb']} MB, send() {sent['mb']} MiB growth {sent['growth_mb']} MB "
+               f"({time.perf_counter() - t0:.1f} s)")
+    small, big = results["1x"], results[f"{args.client_scale}x"]
+    targets = []
+    for mode, what in (("send_batch", "producer send_batch"), ("send", "producer send()"),
+                       ("consume", "read_committed consumer")):
+        g1, g2 = small[mode]["growth_mb"], big[mode]["growth_mb"]
+        ratio = round(g2 / g1, 2) if g1 and g1 > 0 else None
+        targets.append(bl.target(f"Memory: {what} PSS growth, {args.client_scale}x data / 1x data <= 1.5",
+                                 ratio, "<=", 1.5))
+    used = max(r[m]["max_used_bytes"] for r in results.values() for m in ("send_batch", "send"))
+    targets.append(bl.target("Memory: producer reserved bytes (sampled max) / buffer.memory <= 1",
+                             round(used / buffer_memory, 3), "<=", 1.0))
+    settings = {"client_partitions": parts, "client_replication_factor": 1, "client_sizes_mib":
+                {k: args.client_mb * f for k, f in sizes.items()},
+                "client_send_mib": {k: args.send_mb * f for k, f in sizes.items()},
+                "producer_config": pcfg, "consumer_config": ccfg, "client_pss_sample_s": 0.05}
+    return results, targets, ok, settings
 
 
 def run(cluster, argv) -> dict:
@@ -134,8 +260,17 @@ def run(cluster, argv) -> dict:
     settings = {"seconds": args.seconds, "replication_factor": args.replication_factor, "partitions": 1,
                 "batch_rows": args.batch_rows, "source": "/proc/<pid>/smaps_rollup Pss", "unit": "MiB",
                 "buffer_memory": 67108864}
-    return bl.result("memory", "Memory", args, settings, {f"rf{args.replication_factor}": {"replica": res}},
-                     targets, t_start, ok)
+    clients = None
+    if not args.skip_clients:
+        clients, client_targets, client_ok, client_settings = client_section(cluster, args)
+        targets += client_targets
+        settings.update(client_settings)
+        ok = ok and client_ok
+    out = bl.result("memory", "Memory", args, settings, {f"rf{args.replication_factor}": {"replica": res}},
+                    targets, t_start, ok)
+    if clients is not None:
+        out["clients"] = clients
+    return out
 
 
 def main(argv=None) -> int:

@@ -248,12 +248,14 @@ def wait_stable(cluster, name: str, timeout_s: float = 60.0) -> None:
 
 
 def consume_all(cluster, name: str, partitions: int, isolation: str = "read_committed",
-                timeout_s: float = 300.0, record_bytes: int | None = None) -> dict:
+                timeout_s: float = 300.0, record_bytes: int | None = None, config: dict | None = None,
+                on_poll: Callable | None = None) -> dict:
     """Read `name` from the beginning up to its end offsets (as of the start) with one consumer,
     manually assigned to every partition; throughput figures. MB/s counts `record_bytes` per record
-    (payload), arrow_mb_per_s the bytes of the Arrow batches received (offset and timestamp included)."""
+    (payload), arrow_mb_per_s the bytes of the Arrow batches received (offset and timestamp included).
+    `config`: more consumer configs (fetch sizes, ...); `on_poll(consumer, polled)` runs after every poll."""
     tps = [rb.TopicPartition(name, p) for p in range(partitions)]
-    consumer = cluster.consumer(isolation_level=isolation, auto_offset_reset="earliest")
+    consumer = cluster.consumer(config, isolation_level=isolation, auto_offset_reset="earliest")
     try:
         consumer.assign(tps)
         consumer.seek_to_beginning(tps)
@@ -263,7 +265,10 @@ def consume_all(cluster, name: str, partitions: int, isolation: str = "read_comm
         deadline = time.monotonic() + timeout_s
         todo = [tp for tp in tps if consumer.position(tp) < end[tp]]
         while todo and time.monotonic() < deadline:
-            for _, batch in consumer.poll(timeout=1.0).items():
+            polled = consumer.poll(timeout=1.0)
+            if on_poll is not None:
+                on_poll(consumer, polled)
+            for _, batch in polled.items():
                 records += batch.num_rows
                 nbytes += batch.nbytes
             polls += 1
@@ -398,6 +403,111 @@ class LatencyConsumer:
         self.consumer.close()
         lat = np.concatenate(lats) if lats else np.empty(0, np.int64)
         return {"latencies_ns": lat, "seq_last_arrival_ns": seq_last, "received": got}
+
+
+# ------------------------------------------------------------------------------------------ client in its own process
+@ray.remote(num_cpus=0)
+class ClientProcess:
+    """A producer or a consumer in a Ray worker process of its own, so that its memory (`pss_mb(pid)`,
+    sampled from the driver) is the client's and not the driver's. One client per actor: the memory
+    benchmark starts a fresh one per measurement. Records: `datagen.kv_batch` (16-byte key, 100-byte
+    value). Nothing returned by the client is kept (no futures, no polled batches), so whatever grows
+    with the amount of data is the client's own."""
+
+    def __init__(self, namespace: str):
+        import ray_broker as rb_
+
+        self.cluster = rb_.connect(namespace=namespace)
+        self.producer = None
+        self.batches: list = []
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def open_producer(self, topic: str, config: dict, batch_rows: int) -> int:
+        """Make the producer and the send_batch batches (cycled), warm up with one record of each kind
+        (metadata, sender thread, first produce calls); returns the records written."""
+        from ray_broker.testing import datagen
+
+        self.batches = [datagen.kv_batch(i * batch_rows, batch_rows) for i in range(4)]
+        self.producer = self.cluster.producer(config)
+        self.producer.send_batch(topic, self.batches[0].slice(0, 1)).result(timeout=60)
+        self.producer.send(topic, b"warm-up", b"warm-up").result(timeout=60)
+        return 2
+
+    def produce(self, topic: str, records: int, per_record: bool, chunk: int = 10_000) -> dict:
+        """Write `records` records with `send()` (`per_record`) or send_batch, flush, close. The
+        producer's reserved bytes (`_used_bytes`: queued plus unacknowledged) are sampled every 5 ms."""
+        from ray_broker.testing import datagen
+
+        p = self.producer
+        stop = threading.Event()
+        used = [0, 0]    # max, samples
+        errors: list = []
+
+        def sample() -> None:
+            while not stop.wait(0.005):
+                used[0] = max(used[0], p._used_bytes)
+                used[1] += 1
+
+        def done(fut) -> None:
+            if fut.exception(timeout=0) is not None:
+                errors.append(repr(fut.exception(timeout=0))[:300])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        sent = 0
+        try:
+            while sent < records:
+                if per_record:
+                    n = min(chunk, records - sent)
+                    keys, values = datagen.kv_lists(sent, n)
+                    for k, v in zip(keys, values):
+                        p.send(topic, v, k)
+                    del keys, values
+                else:
+                    batch = self.batches[(sent // max(1, self.batches[0].num_rows)) % len(self.batches)]
+                    n = min(batch.num_rows, records - sent)
+                    p.send_batch(topic, batch if n == batch.num_rows else batch.slice(0, n)).add_done_callback(done)
+                sent += n
+            p.flush(timeout=300)
+            elapsed = time.perf_counter() - t0
+        finally:
+            stop.set()
+            sampler.join(timeout=5)
+        p.close()
+        return {"records": sent, "seconds": r3(elapsed), "records_per_s": rate(sent, elapsed),
+                "max_used_bytes": used[0], "used_bytes_samples": used[1], "errors": len(errors),
+                "first_error": errors[0] if errors else None}
+
+    def open_consumer(self, topic: str, partitions: int, config: dict) -> None:
+        """Warm up: a consumer with `config` looks up the partitions' offsets (metadata, leader handles)."""
+        tps = [rb.TopicPartition(topic, p) for p in range(partitions)]
+        c = self.cluster.consumer(config)
+        c.assign(tps)
+        c.beginning_offsets(tps)
+        c.end_offsets(tps)
+        c.close()
+
+    def consume(self, topic: str, partitions: int, config: dict, record_bytes: int) -> dict:
+        """`consume_all` with `config`; also the most the consumer held fetched but not yet returned
+        plus what one poll returned (Arrow nbytes, taken after every poll: fetch results are added
+        only inside poll, before it hands batches out), and the largest batch seen."""
+        peak = {"held": 0, "poll": 0, "batch": 0}
+
+        def on_poll(consumer, polled) -> None:
+            left = [b.nbytes for ps in consumer._parts.values() for b in ps.buffer]
+            got = [b.nbytes for b in polled.values()]
+            peak["held"] = max(peak["held"], sum(left) + sum(got))
+            peak["poll"] = max(peak["poll"], sum(got))
+            peak["batch"] = max(peak["batch"], max(left, default=0), max(got, default=0))
+
+        out = consume_all(self.cluster, topic, partitions, "read_committed", record_bytes=record_bytes,
+                          config=config, on_poll=on_poll)
+        out.update({"max_held_bytes": peak["held"], "max_poll_bytes": peak["poll"],
+                    "largest_batch_bytes": peak["batch"]})
+        return out
 
 
 # ------------------------------------------------------------------------------------------ script protocol

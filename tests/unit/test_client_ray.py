@@ -563,3 +563,111 @@ def test_poll_joins_small_batches_and_hands_big_ones_over_uncopied(cluster, ctx,
     # joined up to 1 MiB per poll (the old poll returned all 2450 rows as one copied batch)
     assert [n for n, _ in polled[:2]] == [800, 800] and all(nb <= 1 << 20 for _, nb in polled), polled
     assert len(polled) <= 5, polled                                 # the small ones come joined
+
+
+# ------------------------------------------------------------------------------------------ memory bounds
+# Issue 7 "Memory": a client's memory is bounded by buffer.memory (producer) and the fetch limits
+# (consumer), whatever the topic size. No timings: the producer's reservation is read right after
+# each reservation is granted (where its maximum is), the consumer's buffer right after each fetch
+# result lands (the only place it grows).
+@pytest.fixture(scope="module")
+def three(cluster):
+    """A 3-partition topic shared by the memory tests."""
+    return make_topic(cluster, 3)
+
+
+def test_producer_reserves_at_most_buffer_memory_until_acknowledged(cluster, ctx, three):
+    topic, reps = three
+    limit = 32 * 1024
+    base = sum(log_end(r) for r in reps)
+    prod = Producer(ctx, pcfg(linger_ms=0, batch_size=4096, buffer_memory=limit, max_block_ms=30_000,
+                              delivery_timeout_ms=60_000, request_timeout_ms=20_000))
+    grants: list[tuple[int, int]] = []   # (bytes reserved when granted, size) of every reservation
+    reserve = prod._reserve
+
+    def spy(size):                       # called with the producer lock held, kept across the spy
+        reserve(size)
+        grants.append((prod._used_bytes - size, size))
+
+    prod._reserve = spy
+    value = b"v" * 1000
+    try:
+        ray.get([r.inject.remote(delay=0.005) for r in reps])   # acks lag: the caller outruns the sender
+        futs = [prod.send(topic, value=value, key=b"%015d" % i) for i in range(1500)]      # ~1.5 MB
+        small = pa.table({"key": [b"k%d" % i for i in range(10)], "value": [value] * 10})  # ~10 KB
+        futs += [prod.send_batch(topic, small) for _ in range(100)]                          # ~1 MB
+        big = pa.table({"key": [b"b%d" % i for i in range(100)], "value": [value] * 100})  # ~100 KB > limit
+        futs.append(prod.send_batch(topic, big))
+        futs += [prod.send_batch(topic, small) for _ in range(10)]
+        prod.flush(timeout=60)
+        for f in futs:
+            f.result(timeout=0)          # every record acknowledged
+        assert prod._used_bytes == 0
+        # in-flight bytes stay reserved until the call is acknowledged
+        ray.get([r.inject.remote(delay=1.0) for r in reps])
+        calls = sum(len(c) for c in ray.get([r.get_calls.remote() for r in reps]))
+        f = prod.send(topic, value=value, key=b"in-flight")
+        deadline = time.monotonic() + 5
+        while sum(len(c) for c in ray.get([r.get_calls.remote() for r in reps])) == calls:
+            assert time.monotonic() < deadline, "the record was never sent"
+            time.sleep(0.01)
+        assert not f.done() and prod._used_bytes == grants[-1][1], "released before the acknowledgement"
+        f.result(timeout=10)
+        assert prod._used_bytes == 0
+    finally:
+        ray.get([r.inject.remote(delay=0.0) for r in reps])
+        prod.close()
+    assert sum(log_end(r) for r in reps) - base == 1500 + 110 * 10 + 100 + 1
+    assert sum(size for _, size in grants) > 60 * limit           # far more went through than fits
+    assert max(size for _, size in grants) > limit                 # the oversized batch
+    for held, size in grants:
+        # within buffer.memory, except a single reservation larger than it, let through alone
+        assert held + size <= limit or held == 0, (held, size, limit)
+    assert max(held for held, _ in grants) > limit // 2, "the buffer was never close to full: no test"
+
+
+def test_consumer_holds_at_most_one_fetch_result_per_partition(cluster, ctx, three):
+    topic, reps = three
+    limit = 64 * 1024
+    tps = [TopicPartition(topic, p) for p in range(3)]
+    start = {tp: log_end(reps[tp.partition]) for tp in tps}
+    small = pa.table({"value": [b"x" * 100] * 100})      # ~11 KB per stored batch
+    big = pa.table({"value": [b"y" * 100] * 1000})       # ~110 KB: alone above the fetch limit
+    with Producer(ctx, pcfg(linger_ms=0, batch_size=1)) as prod:     # one stored batch per send_batch
+        futs = [prod.send_batch(topic, big if i == 60 else small, partition=p) for p in range(3) for i in range(150)]
+        prod.flush(timeout=60)
+        for f in futs:
+            f.result(timeout=0)
+    total = sum(log_end(reps[tp.partition]) - start[tp] for tp in tps)
+    cons = Consumer(ctx, ConsumerConfig(max_partition_fetch_bytes=limit, fetch_max_wait_ms=50))
+    cons.assign(tps)
+    for tp in tps:
+        cons.seek(tp, start[tp])
+    peaks = {tp: 0 for tp in tps}
+    largest = [0]
+    on_fetch = cons._on_fetch
+
+    def spy(ps, ref):
+        on_fetch(ps, ref)
+        assert ps.ref is None and len(cons._refs) < len(tps), "a second fetch in flight for a partition"
+        # the bytes the fetch limit counts: the stored batches, without the offset column added on read
+        sizes = [b.nbytes - b.column(0).nbytes for b in ps.buffer]
+        assert sum(sizes) <= limit or len(sizes) == 1, (ps.tp, sizes)   # one fetch result at most
+        peaks[ps.tp] = max(peaks[ps.tp], sum(sizes))
+        largest[0] = max([largest[0], *sizes])
+
+    cons._on_fetch = spy
+    got = read = 0
+    deadline = time.monotonic() + 15
+    try:
+        while got < total and time.monotonic() < deadline:
+            for b in cons.poll(0.5).values():
+                got += b.num_rows
+                read += b.nbytes - b.column(0).nbytes
+    finally:
+        cons.close()
+    assert got == total == 3 * (149 * 100 + 1000)
+    assert read > 20 * len(tps) * limit, read                            # the topic is many times the bound
+    assert largest[0] > limit
+    assert sum(peaks.values()) <= len(tps) * max(limit, largest[0]), (peaks, largest)
+    assert min(peaks.values()) > limit // 2, ("the limit was never approached: no test", peaks)
