@@ -29,7 +29,9 @@ fresh `--client-partitions` (6) partition RF 1 topic:
   sampled every 5 ms inside the process;
 - consume: a read_committed consumer with max.partition.fetch.bytes `--fetch-partition-mb` (1 MiB)
   and fetch.max.bytes `--fetch-max-mb` (8 MiB) reads the whole topic back;
-- send: a producer with the same buffer.memory writes `--send-mb` (10 MiB) x 1 or x scale of
+- send: a producer with the same buffer.memory writes `--send-mb` (32 MiB: at 1x already twice
+  buffer.memory, so both runs fill the buffer; 10 MiB did not, and the ratio compared a half-full
+  buffer with a full one) x 1 or x scale of
   records with send() (appended to the same topic after the read).
 
 Per run: PSS baseline (median after construction and a warm-up record), max during the run and
@@ -56,7 +58,7 @@ from ray_broker.testing import datagen  # noqa: E402
 MiB = 1 << 20
 RECORD_BYTES = 116   # 16-byte key + 100-byte value
 FULL = {"seconds": 10.0, "replication_factor": 1, "batch_rows": 20_000, "settle_seconds": 1.0, "after_seconds": 2.0,
-        "samples": 5, "client_mb": 100.0, "client_scale": 4, "send_mb": 10.0, "client_partitions": 6,
+        "samples": 5, "client_mb": 100.0, "client_scale": 4, "send_mb": 32.0, "client_partitions": 6,
         "client_buffer_mb": 16.0, "fetch_partition_mb": 1.0, "fetch_max_mb": 8.0}
 SMOKE = {"seconds": 0.5, "replication_factor": 1, "batch_rows": 500, "settle_seconds": 0.1, "after_seconds": 0.2,
          "samples": 2, "client_mb": 1.0, "client_scale": 4, "send_mb": 0.2, "client_partitions": 2,
@@ -74,7 +76,7 @@ def parser():
     ap.add_argument("--skip-clients", action="store_true", help="leave out the client (producer/consumer) section")
     ap.add_argument("--client-mb", type=float, help="clients: MiB of records at 1x (default 100)")
     ap.add_argument("--client-scale", type=int, help="clients: the larger amount, x 1x (default 4)")
-    ap.add_argument("--send-mb", type=float, help="clients: MiB of records written with send() at 1x (default 10)")
+    ap.add_argument("--send-mb", type=float, help="clients: MiB of records written with send() at 1x (default 32)")
     ap.add_argument("--client-partitions", type=int, help="clients: partitions of the topic (default 6)")
     ap.add_argument("--client-buffer-mb", type=float, help="clients: producer buffer.memory, MiB (default 16)")
     ap.add_argument("--fetch-partition-mb", type=float, help="clients: max.partition.fetch.bytes, MiB (default 1)")
