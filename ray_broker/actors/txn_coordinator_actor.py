@@ -118,18 +118,43 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         if self.coordinator_epoch != epoch or self.shard is None:
             return
         failpoints.hit("txn.before_complete")
+        tid = plan.transactional_id
         while self.coordinator_epoch == epoch and self.shard is not None:
+            claimed: list[asyncio.Future] = []
+
+            def decide(s):
+                # the producer's next transaction waiting to add partitions: complete and add in
+                # one transition and one append (they would otherwise be two loaded appends in a row)
+                for key, entry in list(self._adds_waiting.items()):
+                    if key[0] != tid:
+                        continue
+                    r = s.complete_markers(tid, _now_ms(), plan=plan, add=(key[1], key[2], sorted(entry[0])))
+                    if r.response:
+                        del self._adds_waiting[key]
+                        claimed.append(entry[1])
+                    return r
+                return s.complete_markers(tid, _now_ms(), plan=plan)
+
             try:
-                await self._run(lambda s: s.complete_markers(plan.transactional_id, _now_ms(), plan=plan),
-                                plan.transactional_id)
-                return
-            except NotCoordinatorError:
-                return
-            except BrokerError as exc:
+                await self._run(decide, tid)
+            except BaseException as exc:
+                for fut in claimed:     # their leaders retry the produce, which adds again
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, BrokerError) else NotCoordinatorError(
+                            f"completing {tid} failed: {exc!r}"))
+                if isinstance(exc, NotCoordinatorError):
+                    return
+                if not isinstance(exc, BrokerError):
+                    raise
                 if not exc.retriable:
-                    log.warning("completing %s failed: %s", plan.transactional_id, exc)
+                    log.warning("completing %s failed: %s", tid, exc)
                     return
                 await asyncio.sleep(0.1)
+                continue
+            for fut in claimed:
+                if not fut.done():
+                    fut.set_result(None)
+            return
 
     async def _expire_loop(self, epoch: int) -> None:
         while self.coordinator_epoch == epoch and self.shard is not None:
@@ -196,7 +221,6 @@ class TxnCoordinatorActor(CoordinatorActorBase):
                                          partitions: list) -> None:
         key = (transactional_id, producer_id, producer_epoch)
         parts = {tuple(p) for p in partitions}
-        await self._wait_for_markers(transactional_id)   # then all leaders' adds go as one group
         waiting = self._adds_waiting.get(key)
         if waiting is not None:
             waiting[0].update(parts)
@@ -204,6 +228,11 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # joiners are optional
         entry = self._adds_waiting[key] = (parts, fut)
+        # adds arriving while the previous transaction's markers are written wait as one group; its
+        # completion takes them along when it can (_write_markers), else they are decided here
+        await self._wait_for_markers(transactional_id)
+        if fut.done():
+            return fut.result()
 
         def decide(s):
             if self._adds_waiting.get(key) is entry:
@@ -219,7 +248,8 @@ class TxnCoordinatorActor(CoordinatorActorBase):
             if not fut.done():
                 fut.set_exception(exc)
             raise
-        fut.set_result(None)
+        if not fut.done():      # (a completion may have taken this group along meanwhile)
+            fut.set_result(None)
 
     async def add_offsets(self, transactional_id: str, producer_id: int, producer_epoch: int, group_id: str,
                           offsets_partition: tuple | None = None) -> None:

@@ -280,6 +280,31 @@ class TxnCoordinatorShard:
                 and (producer_id, producer_epoch) == (meta.next_producer_id, 0)):
             raise concurrent_transactions(f"{meta.transactional_id}: previous transaction still completing")
 
+    @staticmethod
+    def _partitions_arg(partitions: Iterable[Partition]) -> frozenset[Partition]:
+        parts = frozenset(tuple(p) for p in partitions)
+        if not parts:
+            raise InvalidRequestError("no partitions to add")
+        for topic, partition in parts:
+            if (not isinstance(topic, str) or not topic or not isinstance(partition, int)
+                    or isinstance(partition, bool) or partition < 0):
+                raise InvalidRequestError(f"bad partition ({topic!r}, {partition!r})")
+        return parts
+
+    def _completes_with(self, meta: TxnMetadata, plan: MarkerPlan | None, producer_id: int,
+                        producer_epoch: int) -> bool:
+        """`plan` is the written marker plan of `meta`'s PREPARE_*, and (producer_id,
+        producer_epoch) is the identity the producer holds once it completes (next_producer_id at
+        epoch 0 after an exhausted epoch)."""
+        if plan is None or meta.state not in PREPARE_STATES or plan.coordinator_epoch != self._coordinator_epoch:
+            return False
+        if ((plan.producer_id, plan.producer_epoch) != (meta.producer_id, meta.producer_epoch)
+                or plan.commit != (meta.state == TxnState.PREPARE_COMMIT)):
+            return False
+        after = ((meta.next_producer_id, 0) if meta.next_producer_id != NO_PRODUCER_ID
+                 else (meta.producer_id, meta.producer_epoch))
+        return (producer_id, producer_epoch) == after and after[1] < MAX_PRODUCER_EPOCH
+
     def _marker_plan(self, t: TxnTransition) -> MarkerPlan:
         return MarkerPlan(t.transactional_id, t.producer_id, t.producer_epoch, self._coordinator_epoch,
                           t.state == TxnState.PREPARE_COMMIT, t.partitions)
@@ -343,15 +368,10 @@ class TxnCoordinatorShard:
     def handle_add_partitions(self, transactional_id: str, producer_id: int, producer_epoch: int,
                               partitions: Iterable[Partition], now_ms: int) -> CoordinatorResult:
         """Called by a partition leader on the first transactional write of (pid, epoch) to a
-        partition (KIP-890 implicit add). Response None; idempotent."""
+        partition (KIP-890 implicit add). Response None; idempotent. While the previous transaction
+        completes: CONCURRENT_TRANSACTIONS (see `complete_markers` for adding with its completion)."""
         self._check_id_args(transactional_id, producer_id, producer_epoch)
-        parts = frozenset(tuple(p) for p in partitions)
-        if not parts:
-            raise InvalidRequestError("no partitions to add")
-        for topic, partition in parts:
-            if (not isinstance(topic, str) or not topic or not isinstance(partition, int)
-                    or isinstance(partition, bool) or partition < 0):
-                raise InvalidRequestError(f"bad partition ({topic!r}, {partition!r})")
+        parts = self._partitions_arg(partitions)
         meta = self._known(transactional_id)
         self._prepare_concurrent(meta, producer_id, producer_epoch)
         self._check_producer(meta, producer_id, producer_epoch)
@@ -417,9 +437,23 @@ class TxnCoordinatorShard:
         return self._result([t], block=block, response=EndTxnResponse(t.producer_id, t.producer_epoch))
 
     # ---- markers ----------------------------------------------------------------------------
-    def complete_markers(self, transactional_id: str, now_ms: int, plan: MarkerPlan | None = None) -> CoordinatorResult:
+    def complete_markers(self, transactional_id: str, now_ms: int, plan: MarkerPlan | None = None,
+                         add: tuple[int, int, Iterable[Partition]] | None = None) -> CoordinatorResult:
         """Every marker of the current PREPARE_* was written: -> COMPLETE_*. With `plan`, a stale plan
-        (its transaction already completed) yields an empty result instead of completing another."""
+        (its transaction already completed) yields an empty result instead of completing another.
+
+        `add` = (producer_id, producer_epoch, partitions): adds waiting for this completion. When
+        they come from the producer's next transaction (the identity it holds after completion),
+        the completion and the add are one transition, PREPARE_* -> ONGOING, logged as one record;
+        the result's response is then True (else None, and the adds are left to the caller)."""
+        if plan is not None and add is not None:
+            meta = self._txns.get(transactional_id)
+            producer_id, producer_epoch, partitions = add
+            parts = self._partitions_arg(partitions)
+            if (meta is not None and meta.pending_state is None and transactional_id not in self._pending_new
+                    and self._completes_with(meta, plan, producer_id, producer_epoch)):
+                t = meta.prepare_complete_then_add(parts, now_ms, self._coordinator_epoch)
+                return self._result([t], response=True)
         if plan is not None:
             if plan.coordinator_epoch != self._coordinator_epoch:
                 raise not_coordinator(f"marker plan of coordinator epoch {plan.coordinator_epoch}; this shard "

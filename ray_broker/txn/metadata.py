@@ -198,6 +198,25 @@ class TxnMetadata:
             changes.update(producer_id=self.next_producer_id, producer_epoch=0, next_producer_id=NO_PRODUCER_ID)
         return self._prepare(coordinator_epoch, target, **changes)
 
+    def prepare_complete_then_add(self, partitions: frozenset[Partition], now_ms: int,
+                                  coordinator_epoch: int) -> TxnTransition:
+        """All markers of the PREPARE_* are written and the producer's next transaction adds
+        partitions: PREPARE_* -> [COMPLETE_*] -> ONGOING as one transition and one record (the
+        ONGOING one; records are whole snapshots). The next transaction then waits for one append
+        instead of two. A replay that ends before this record finds PREPARE_* and resends the
+        markers, which partitions recognise as written."""
+        if self.pending_state is not None:
+            raise concurrent_transactions(
+                f"{self.transactional_id}: transition to {self.pending_state.name} still pending")
+        done = self.copy()
+        completed = done.prepare_complete(now_ms, coordinator_epoch)
+        done.complete_transition(completed, coordinator_epoch)
+        added = done.prepare_add_partitions(partitions, now_ms, coordinator_epoch)
+        t = replace(added, source_state=self.state, via_state=completed.state)
+        self._check_invariants(t)
+        self.pending_state = t.pending_state
+        return t
+
     def prepare_dead(self, now_ms: int, coordinator_epoch: int) -> TxnTransition:
         """Expiration of an idle id: the record is a tombstone."""
         return self._prepare(coordinator_epoch, TxnState.DEAD, partitions=frozenset(), last_update_ms=now_ms)

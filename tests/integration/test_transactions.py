@@ -364,6 +364,34 @@ def test_adds_from_many_partition_leaders_share_one_coordinator_append(broker, t
     assert described.state in ("COMPLETE_COMMIT", "EMPTY"), described
 
 
+def test_the_next_transactions_add_rides_with_the_previous_completion(broker, topic_name):
+    """An add waiting for the previous transaction's markers is logged together with its
+    completion: one coordinator append (PREPARE_COMMIT -> ONGOING) instead of COMPLETE then ONGOING."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=2, replication_factor=1)
+    wait_stable(admin, topic_name)
+    tid = f"{topic_name}-tx"
+    producer = broker.producer(transactional_id=tid)
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"first", partition=0)
+    producer.flush()
+    # the marker to partition 0 stalls, so the next transaction's add (partition 1) waits for it
+    ray.get(replica(topic_name, 0, leader_of(admin, topic_name, 0)).arm_failpoint.remote(
+        "replica.before_marker", "delay", 1500))
+    before = ray.get(coordinator().ping.remote())["log_appends"]
+    producer.commit_transaction()
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"second", partition=1)
+    producer.flush()                                   # acknowledged: partition 1 is in the transaction
+    assert ray.get(coordinator().ping.remote())["log_appends"] - before == 2   # PREPARE_COMMIT, then ONGOING
+    described = admin.describe_transaction(tid)
+    assert (described.state, described.partitions) == ("ONGOING", ((topic_name, 1),)), described
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert sorted(committed_values(broker, topic_name, 2)) == [b"first", b"second"]
+
+
 def test_admin_waits_for_a_restarting_coordinator(broker, topic_name):
     """Admin calls to a coordinator Ray is restarting are retried, not raised (ActorUnavailableError)."""
     admin = broker.admin()

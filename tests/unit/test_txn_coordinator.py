@@ -197,6 +197,69 @@ def test_add_partitions_while_preparing_is_concurrent_transactions():
         h.shard.handle_add_partitions("t", 0, 0, [T2], 30)
 
 
+@pytest.mark.parametrize("commit", [True, False])
+def test_completion_with_the_next_transactions_add_is_one_record(commit):
+    """Markers written and the producer's next transaction waiting to add partitions: completion
+    and add are one transition (one record, the ONGOING snapshot) instead of COMPLETE_* then ONGOING."""
+    h = Harness()
+    init(h)
+    begin(h, parts=(T1, OFFSETS))
+    r, resp = end(h, "t", 0, 0, commit)
+    plan = r.markers[0]
+    added = h.complete_markers("t", 30, plan=plan, add=(0, resp.producer_epoch, [T2]))
+    assert added.response is True and len(added.records) == 1 and added.markers == ()
+    d = h.state("t")
+    assert (d.state, d.producer_id, d.producer_epoch, d.partitions, d.txn_start_ms) == ("ONGOING", 0, 1, (T2,), 30)
+    assert h.shard.pending_markers() == []
+    # the marker writer's own completion finds nothing left to do
+    assert h.complete_markers("t", 31, plan=plan).records == ()
+    # the same state after a restart, from the log alone; the old epoch is fenced
+    assert h.reload().committed_state() == h.shard.committed_state()
+    with pytest.raises(ProducerFencedError):
+        h.shard.handle_add_partitions("t", 0, 0, [T1], 32)
+    assert end(h, "t", 0, 1, True, now=40)[1] == EndTxnResponse(0, 2)     # the new transaction commits
+
+
+def test_completion_with_an_add_of_another_identity_only_completes():
+    h = Harness()
+    init(h)
+    begin(h)
+    r, resp = end(h, "t", 0, 0, True)
+    plan = r.markers[0]
+    # the epoch of the decided transaction (a late write of it): not the next transaction's
+    done = h.complete_markers("t", 30, plan=plan, add=(0, 0, [T2]))
+    assert done.response is None
+    d = h.state("t")
+    assert (d.state, d.partitions) == ("COMPLETE_COMMIT", ())
+    with pytest.raises(InvalidRequestError):                       # bad partitions are refused as in an add
+        Harness().shard.complete_markers("t", 30, plan=plan, add=(0, 1, []))
+
+
+def test_a_discarded_complete_and_add_leaves_the_prepare_to_complete():
+    h = Harness()
+    init(h)
+    begin(h)
+    r, resp = end(h, "t", 0, 0, True)
+    result = h.shard.complete_markers("t", 30, plan=r.markers[0], add=(0, resp.producer_epoch, [T2]))
+    with pytest.raises(BrokerError) as e:                          # busy while its append is pending
+        h.shard.complete_markers("t", 31, plan=r.markers[0])
+    assert code(e) == ErrorCode.CONCURRENT_TRANSACTIONS
+    h.shard.discard(result)                                        # the append failed
+    assert h.state("t").state == "PREPARE_COMMIT"
+    h.complete_markers("t", 32, plan=r.markers[0])
+    assert h.state("t").state == "COMPLETE_COMMIT"
+
+
+def test_complete_and_add_after_an_exhausted_epoch_continues_under_the_next_producer_id():
+    h = near_max(TxnState.ONGOING, parts=frozenset({T1}))
+    r, resp = end(h, "t", 500, 32766, True)
+    assert resp == EndTxnResponse(1000, 0)
+    assert h.complete_markers("t", 22, plan=r.markers[0], add=(1000, 0, [T2])).response is True
+    d = h.state("t")
+    assert (d.state, d.producer_id, d.producer_epoch, d.partitions) == ("ONGOING", 1000, 0, (T2,))
+    assert h.reload().committed_state() == h.shard.committed_state()
+
+
 def test_add_offsets_adds_the_group_offsets_partition():
     h = Harness()
     init(h)
