@@ -449,8 +449,11 @@ class TxnCoordinatorShard:
         if plan is not None and add is not None:
             meta = self._txns.get(transactional_id)
             producer_id, producer_epoch, partitions = add
-            parts = self._partitions_arg(partitions)
-            if (meta is not None and meta.pending_state is None and transactional_id not in self._pending_new
+            try:
+                parts = self._partitions_arg(partitions)
+            except InvalidRequestError:
+                parts = None        # a malformed add must not hold up the completion: it fails on its own
+            if (parts and meta is not None and meta.pending_state is None and transactional_id not in self._pending_new
                     and self._completes_with(meta, plan, producer_id, producer_epoch)):
                 t = meta.prepare_complete_then_add(parts, now_ms, self._coordinator_epoch)
                 return self._result([t], response=True)
