@@ -212,7 +212,9 @@ def test_send_keyed_batches_and_offsets(cluster, ctx):
     for p, offs in per_part.items():
         assert offs == list(range(len(offs))), "offsets follow send order per partition"
     calls = ray.get([r.get_calls.remote() for r in reps])
-    assert sum(c[0] for cs in calls for c in cs) == 3000
+    # appended exactly once each (calls also count a pipelined call that overtook its predecessor,
+    # was refused as out of order and was sent again: Ray may reorder calls to an async actor)
+    assert sum(log_end(r) for r in reps) == 3000
     assert sum(len(cs) for cs in calls) < 100, "records are batched"
     # read back through the consumer
     with Consumer(ctx, ConsumerConfig(auto_offset_reset="earliest")) as cons:
