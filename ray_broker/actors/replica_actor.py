@@ -85,8 +85,7 @@ class PartitionReplicaActor:
         self._tasks: list[asyncio.Task] = []
         self._changed: asyncio.Condition | None = None
         self._isr_request_inflight = False
-        self._handles: dict[int, object] = {}
-        self._named = NamedActors(namespace)      # transaction coordinators
+        self._named = NamedActors(namespace)      # followers (when leading), transaction coordinators
         self._last_hw_checkpoint = self.high_watermark
         self._last_hw_checkpoint_time = 0.0
 
@@ -482,12 +481,8 @@ class PartitionReplicaActor:
         return self.log.log_end_offset
 
     # ---- replication: leader side ----------------------------------------------------------------
-    def _handle(self, replica: int):
-        h = self._handles.get(replica)
-        if h is None:
-            h = ray.get_actor(replica_actor_name(self.topic, self.partition, replica), namespace=self.namespace)
-            self._handles[replica] = h
-        return h
+    def _replica_name(self, replica: int) -> str:
+        return replica_actor_name(self.topic, self.partition, replica)
 
     async def _pump(self, follower: int, epoch: int) -> None:
         """Push the log to one follower until this leadership ends."""
@@ -497,7 +492,7 @@ class PartitionReplicaActor:
         while self.role == LEADER and self.leader_epoch == epoch:
             state = self.leader_state
             try:
-                h = self._handle(follower)
+                h = self._named.get(self._replica_name(follower))
                 if follower_leo is None:
                     follower_leo = await self._sync_follower(h, epoch)
                     state.on_follower_ack(follower, follower_leo, self.log.log_end_offset
@@ -527,14 +522,14 @@ class PartitionReplicaActor:
                 if self.role != LEADER or self.leader_epoch != epoch:
                     return
                 if isinstance(exc, (RayActorError, ValueError)):
-                    self._handles.pop(follower, None)
+                    self._named.forget(self._replica_name(follower))
                     state.on_follower_failed(follower)
                 follower_leo = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception:  # noqa: BLE001 - e.g. ActorUnschedulableError: the actor is being replaced
                 log.exception("replication pump %s/%s -> %s", self.topic, self.partition, follower)
-                self._handles.pop(follower, None)
+                self._named.forget(self._replica_name(follower))
                 state.on_follower_failed(follower)
                 follower_leo = None
                 await asyncio.sleep(backoff)

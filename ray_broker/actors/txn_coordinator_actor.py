@@ -125,15 +125,15 @@ class TxnCoordinatorActor(CoordinatorActorBase):
             def decide(s):
                 # the producer's next transaction waiting to add partitions: complete and add in
                 # one transition and one append (they would otherwise be two loaded appends in a row)
-                for key, entry in list(self._adds_waiting.items()):
-                    if key[0] != tid:
-                        continue
-                    r = s.complete_markers(tid, _now_ms(), plan=plan, add=(key[1], key[2], sorted(entry[0])))
-                    if r.response:
-                        del self._adds_waiting[key]
-                        claimed.append(entry[1])
-                    return r
-                return s.complete_markers(tid, _now_ms(), plan=plan)
+                key = next((k for k in self._adds_waiting if k[0] == tid), None)
+                if key is None:
+                    return s.complete_markers(tid, _now_ms(), plan=plan)
+                parts, fut = self._adds_waiting[key]
+                r = s.complete_markers(tid, _now_ms(), plan=plan, add=(key[1], key[2], sorted(parts)))
+                if r.response:
+                    del self._adds_waiting[key]
+                    claimed.append(fut)
+                return r
 
             try:
                 await self._run(decide, tid)
