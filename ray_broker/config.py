@@ -193,6 +193,10 @@ class ProducerConfig(_Config):
     max_in_flight_requests_per_connection: int = _opt(5, "full batches in flight per partition (a batch sent "
                                                       "for its linger waits for the call in flight)",
                                                       lambda v: 1 <= v <= 5)
+    max_lingered_requests_per_node: int = _opt(
+        2, "batches sent for their linger (not full) in flight per leader node, across partitions; the "
+           "oldest waits its turn and grows (Kafka sends one request per broker for all its partitions, "
+           "here every partition is its own call)", _positive)
     delivery_timeout_ms: int = _opt(120_000, "give up on a record after this long (retries included)", _positive)
     request_timeout_ms: int = _opt(30_000, "wait this long for one produce call", _positive)
     retry_backoff_ms: int = _opt(100, "wait between retries", _non_negative)

@@ -45,6 +45,7 @@ class PartitionState:
     leader: int | None
     leader_epoch: int
     isr: tuple[int, ...]
+    leader_node: str | None = None  # Ray node id of the leader's placement; None = not pinned (one node)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from .errors import InvalidTopicError, SchemaMismatchError
+from .errors import CorruptRecordError, InvalidRequestError, InvalidTopicError, SchemaMismatchError
 
 OFFSET = "offset"
 TIMESTAMP = "timestamp"
@@ -129,6 +129,39 @@ def conform_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
         else:
             raise SchemaMismatchError(f"batch lacks required column {f.name!r}; topic schema: {schema}")
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+# Below this size a produced batch crosses a Ray call as Arrow IPC bytes: Ray pickles a RecordBatch
+# object by object (schema, fields, buffers), about 0.3 ms of CPU more per call than bytes (measured:
+# 50-2,000 rows). Above it the pickled batch's buffers travel out of band, which copies less than IPC
+# does. Fetch results stay RecordBatches: the same for them cost W4 10-20 % (A/B runs).
+WIRE_IPC_MAX_BYTES = 256 * 1024
+
+
+def to_wire(batch: pa.RecordBatch) -> pa.RecordBatch | bytes:
+    """What to pass to a Ray call for `batch`: IPC stream bytes when small, else the batch itself."""
+    if batch.nbytes > WIRE_IPC_MAX_BYTES:
+        return batch
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def from_wire(payload) -> pa.RecordBatch:
+    """The RecordBatch a Ray call carried (`to_wire`'s output, or a RecordBatch from older callers)."""
+    if isinstance(payload, pa.RecordBatch):
+        return payload
+    if not isinstance(payload, (bytes, bytearray, memoryview, pa.Buffer)):
+        raise InvalidRequestError(f"expected a pyarrow RecordBatch or Arrow IPC bytes, got {type(payload).__name__}")
+    try:
+        reader = pa.ipc.open_stream(payload)
+        batches = list(reader)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise CorruptRecordError(f"produce payload is not a valid Arrow IPC stream: {exc}") from None
+    if len(batches) != 1:
+        raise CorruptRecordError(f"produce payload holds {len(batches)} record batches, expected 1")
+    return batches[0]
 
 
 def with_offsets(batch: pa.RecordBatch, base_offset: int) -> pa.RecordBatch:

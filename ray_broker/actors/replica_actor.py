@@ -26,7 +26,7 @@ from ..errors import (BrokerError, BrokerTimeoutError, CorruptRecordError, Fence
                       StaleControllerEpochError, UnknownLeaderEpochError)
 from ..protocol import (ACKS_ALL, READ_COMMITTED, FetchResult, ProduceResult, replica_actor_name,
                         txn_coordinator_name)
-from ..records import conform_batch, read_schema, schema_from_bytes, stored_schema
+from ..records import conform_batch, from_wire, read_schema, schema_from_bytes, stored_schema
 from ..replication.divergence import truncation_offset
 from ..replication.isr import LeaderReplicationState
 from ..storage import PartitionLog
@@ -274,7 +274,7 @@ class PartitionReplicaActor:
             raise NotEnoughReplicasError(
                 f"{self.topic}/{self.partition}: ISR {list(state.isr)} is smaller than "
                 f"min.insync.replicas={self.config.min_insync_replicas}")
-        batch = conform_batch(batch, self.stored_schema)
+        batch = conform_batch(from_wire(batch), self.stored_schema)
         if batch.num_rows == 0:
             return ProduceResult(self.log.log_end_offset, self.log.log_start_offset)
         epoch = self.leader_epoch

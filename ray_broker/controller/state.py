@@ -34,7 +34,9 @@ class PartitionRecord:
     placement: dict[int, ReplicaPlacement] = field(default_factory=dict)
 
     def state(self, partition: int) -> PartitionState:
-        return PartitionState(partition, tuple(self.replicas), self.leader, self.leader_epoch, tuple(self.isr))
+        pl = self.placement.get(self.leader) if self.leader is not None else None
+        return PartitionState(partition, tuple(self.replicas), self.leader, self.leader_epoch, tuple(self.isr),
+                              pl.node_id if pl is not None else None)
 
 
 @dataclass

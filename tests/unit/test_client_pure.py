@@ -17,7 +17,8 @@ from ray_broker.client.partitioner import (StickyPartitioner, murmur2, murmur2_m
 from ray_broker.client.producer import SEQUENCE_MODULUS, IdempotenceState
 from ray_broker.errors import (BrokerTimeoutError, NotLeaderOrFollowerError, RecordTooLargeError,
                                SchemaMismatchError, UnknownTopicOrPartitionError)
-from ray_broker.records import HEADERS_TYPE, TIMESTAMP_TYPE, BatchMetadata, RecordMetadata, stored_schema
+from ray_broker.records import (HEADERS_TYPE, TIMESTAMP_TYPE, WIRE_IPC_MAX_BYTES, BatchMetadata, RecordMetadata,
+                                from_wire, stored_schema, to_wire)
 
 # Kafka's own test vectors (clients/src/test/java/org/apache/kafka/common/utils/UtilsTest.java)
 KAFKA_VECTORS = {
@@ -287,3 +288,23 @@ def test_split_by_size_uses_the_encoded_size_not_nbytes():
     assert len(chunks) >= 2
     assert all(encoded_size(c) <= limit for c, _ in chunks)
     assert np.array_equal(np.concatenate([r for _, r in chunks]), np.arange(n))
+
+
+def test_wire_format_small_batches_as_ipc_bytes_big_ones_as_batches():
+    small = normalize_batch(pa.table({"key": [b"k1", None], "value": [b"v1", b"v2"]}).to_batches()[0], None)
+    wire = to_wire(small)
+    assert isinstance(wire, bytes)
+    assert from_wire(wire).equals(small) and from_wire(small) is small
+    big = pa.record_batch([pa.array([b"x" * 1000] * (WIRE_IPC_MAX_BYTES // 1000 + 10))], names=["value"])
+    assert to_wire(big) is big
+
+
+def test_wire_format_rejects_what_is_not_one_ipc_batch():
+    from ray_broker.errors import CorruptRecordError, InvalidRequestError
+    with pytest.raises(InvalidRequestError):
+        from_wire({"value": [b"x"]})
+    with pytest.raises(CorruptRecordError):
+        from_wire(b"not arrow at all")
+    wire = to_wire(pa.record_batch([pa.array([1, 2])], names=["a"]))
+    with pytest.raises(CorruptRecordError):
+        from_wire(wire[: len(wire) // 2])        # truncated

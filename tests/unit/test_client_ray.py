@@ -75,6 +75,10 @@ class FakeReplica:
         self.producers: dict[int, tuple[int, int, int]] = {}   # pid -> (epoch, next seq, last base offset)
         self.active = 0
         self.max_active = 0
+        self.spans: list[tuple[float, float]] = []   # (start, end) of produce calls, machine-wide clock
+
+    def get_spans(self):
+        return self.spans
 
     def inject(self, produce=None, fetch=None, delay=None):
         if produce:
@@ -102,14 +106,18 @@ class FakeReplica:
     async def produce(self, batch, acks, timeout_ms, producer_id=-1, producer_epoch=-1, base_sequence=-1,
                       is_transactional=False):
         from ray_broker.errors import SchemaMismatchError
+        from ray_broker.records import from_wire
+        batch = from_wire(batch)
         self.calls.append((batch.num_rows, producer_id, producer_epoch, base_sequence, acks))
         self.active += 1
         self.max_active = max(self.max_active, self.active)
+        t0 = time.monotonic()
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
         finally:
             self.active -= 1
+            self.spans.append((t0, time.monotonic()))
         if self.fail_produce:
             raise self.fail_produce.pop(0)
         if not batch.schema.equals(self.schema, check_metadata=False):
@@ -428,6 +436,40 @@ def test_lingered_batches_wait_for_the_call_in_flight_and_grow(cluster, ctx, sha
         assert sum(c[0] for c in calls) == 20 and len(calls) <= 6, calls   # ~3 calls of 100 ms, not 20
     finally:
         ray.get(reps[0].inject.remote(delay=0.0))
+
+def _max_overlap(spans) -> int:
+    events = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans])
+    cur = best = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_lingered_batches_to_one_node_share_its_call_slots(cluster, ctx, cap):
+    # Kafka sends one request per broker for all its partitions; here each partition is a call, so
+    # lingered batches to the leaders on one node take turns for max.lingered.requests.per.node
+    # slots (the fake topic's leaders have no node: one group), and nothing is lost or reordered
+    topic, reps = make_topic(cluster, 4)
+    ray.get([r.inject.remote(delay=0.05) for r in reps])
+    with Producer(ctx, pcfg(linger_ms=0, max_lingered_requests_per_node=cap)) as prod:
+        prod.idempotence.enabled = True
+        prod.idempotence.producer_id, prod.idempotence.producer_epoch = 5, 0
+        futs = []
+        for i in range(40):
+            futs.append(prod.send(topic, value=b"%04d" % i, partition=i % 4))
+            time.sleep(0.005)
+        results = [f.result(timeout=20) for f in futs]
+    for p in range(4):
+        offsets = [r.offset for r in results if r.partition == p]
+        assert offsets == list(range(10)), (p, offsets)
+    spans = [sp for r in reps for sp in ray.get(r.get_spans.remote())]
+    assert _max_overlap(spans) <= cap, spans
+    assert len(spans) < 40     # they grew while waiting
+    for r in reps:
+        ray.kill(r)
+
 
 def test_callbacks_and_close_semantics(cluster, ctx, shared):
     topic, reps = shared

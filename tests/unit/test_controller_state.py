@@ -27,6 +27,19 @@ def test_multi_node_placement_is_distinct_per_partition():
         assert len(set(nodes)) == 3
 
 
+def test_metadata_names_the_leaders_node_and_follows_elections():
+    # producers share lingered call slots per leader node
+    s = make(rf=3, partitions=2, nodes=("a", "b", "c"))
+    rec = s.topic("t").partitions[0]
+    md = s.topic("t").metadata().partitions[0]
+    assert md.leader_node == rec.placement[rec.leader].node_id
+    old = rec.leader
+    assert s.elect_leader("t", 0, set(rec.replicas) - {old})
+    md = s.topic("t").metadata().partitions[0]
+    assert md.leader != old and md.leader_node == rec.placement[md.leader].node_id
+    assert make().topic("t").metadata().partitions[0].leader_node is None   # one node: not pinned
+
+
 def test_election_picks_isr_member_and_bumps_epoch():
     s = make()
     p = s.topic("t").partitions[0]
