@@ -392,6 +392,39 @@ def test_the_next_transactions_add_rides_with_the_previous_completion(broker, to
     assert sorted(committed_values(broker, topic_name, 2)) == [b"first", b"second"]
 
 
+def test_coordinator_crash_before_the_completion_that_carries_a_waiting_add(broker, topic_name):
+    """The next transaction's add waits for the previous one's markers, to ride its completion
+    append; the coordinator dies right before that append. The restarted coordinator completes the
+    previous transaction from its PREPARE record, the leader's add is retried and lands, and every
+    record is committed once."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=2, replication_factor=1)
+    wait_stable(admin, topic_name)
+    tid = f"{topic_name}-tx"
+    producer = broker.producer(transactional_id=tid, delivery_timeout_ms=60_000)
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"first", partition=0)
+    producer.flush()
+    ray.get(replica(topic_name, 0, leader_of(admin, topic_name, 0)).arm_failpoint.remote(
+        "replica.before_marker", "delay", 1500))
+    epoch = ray.get(coordinator().ping.remote())["coordinator_epoch"]
+    ray.get(coordinator().arm_failpoint.remote("txn.before_complete", "crash"))
+    producer.commit_transaction()
+    producer.begin_transaction()
+    producer.send(topic_name, value=b"second", partition=1)
+    producer.flush()                 # its add waited for the markers, then for the restarted coordinator
+    assert ray.get(coordinator().ping.remote())["coordinator_epoch"] > epoch, "the coordinator did not restart"
+    # its first produce call died with the coordinator while the add waited in it; the retry landed
+    leader1 = replica(topic_name, 1, leader_of(admin, topic_name, 1))
+    assert ray.get(leader1.failpoint_hits.remote("replica.before_append")) == 2
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert sorted(committed_values(broker, topic_name, 2)) == [b"first", b"second"]
+    wait_for(lambda: admin.describe_transaction(tid).state == "COMPLETE_COMMIT", timeout=30,
+             what="transaction completed")
+
+
 def test_admin_waits_for_a_restarting_coordinator(broker, topic_name):
     """Admin calls to a coordinator Ray is restarting are retried, not raised (ActorUnavailableError)."""
     admin = broker.admin()
