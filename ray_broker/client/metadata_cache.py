@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -60,6 +61,8 @@ class ClientContext:
         self._lock = threading.RLock()
         self._controller = None
         self._topics: dict[str, TopicMetadata] = {}
+        # read-only view for per-record hot paths (a dict lookup instead of a method call)
+        self.cached_topics: Mapping[str, TopicMetadata] = self._topics
         self._replicas: dict[tuple[str, int, int], object] = {}
 
     # ------------------------------------------------------------------------------- controller

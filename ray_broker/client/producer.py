@@ -343,13 +343,18 @@ class Producer:
             raise InvalidRequestError("producer is closed")
         if self._txn is not None:
             self._txn.check(TxnOperation.SEND)
-        info = self._info(topic)
+        # per-record path: inlined fast cases (about 0.5 of 3 us per call were these calls)
+        info = self._topic_info.get(topic)
+        if info is None or self.context.cached_topics.get(topic) is not info.md:
+            info = self._info(topic)
         if info.user_schema is not None:
             raise InvalidRequestError(
                 f"topic {topic!r} has a declared schema; send() only writes key/value records: "
                 f"use send_batch() with a pyarrow RecordBatch of columns {info.user_schema.names}")
-        key = _to_bytes(key, "key")
-        value = _to_bytes(value, "value")
+        if key.__class__ is not bytes and key is not None:
+            key = _to_bytes(key, "key")
+        if value.__class__ is not bytes and value is not None:
+            value = _to_bytes(value, "value")
         size = _RECORD_OVERHEAD + (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
         if headers is not None:
             headers, hsize = self._normalize_headers(headers)
