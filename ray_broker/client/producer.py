@@ -86,6 +86,7 @@ __all__ = ["Producer", "IdempotenceState"]
 
 SEQUENCE_MODULUS = 2 ** 31
 _RECORD_OVERHEAD = 24  # timestamp + offsets + validity, roughly what Arrow stores per row
+LINGERED_SLOT_HOLD_S = 1.0  # see Producer._lingered_by_node
 
 
 class IdempotenceState:
@@ -935,7 +936,7 @@ class Producer:
         now = time.monotonic()
         next_wake = now + 0.1
         snaps = []
-        lingered = self._lingered_by_node()
+        lingered = self._lingered_by_node(now)
         with self._lock:
             flushing = self._flushing > 0 or self._closed
             for tb in self._buffers.values():
@@ -1015,11 +1016,13 @@ class Producer:
         st.seal()
 
     # ------------------------------------------------------------------ per-partition service
-    def _lingered_by_node(self) -> dict:
-        """Lingered (not full) produce calls in flight per leader node."""
+    def _lingered_by_node(self, now: float) -> dict:
+        """Lingered (not full) produce calls in flight per leader node. A call out for longer than
+        LINGERED_SLOT_HOLD_S gives its slot back: a hung leader (paused process, dying actor) must
+        not hold up the other partitions of its node until request.timeout.ms."""
         out: dict = {}
         for b in self._refs.values():
-            if b.lingered:
+            if b.lingered and now - b.sent_at < LINGERED_SLOT_HOLD_S:
                 out[b.node] = out.get(b.node, 0) + 1
         return out
 

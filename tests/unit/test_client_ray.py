@@ -471,6 +471,24 @@ def test_lingered_batches_to_one_node_share_its_call_slots(cluster, ctx, cap):
         ray.kill(r)
 
 
+def test_a_hung_leader_gives_its_lingered_slot_back(cluster, ctx):
+    # one slot per node and one leader that does not answer for 5 s: the other partitions' records
+    # go out once the hung call has held the slot for LINGERED_SLOT_HOLD_S (1 s), not after it answers
+    topic, reps = make_topic(cluster, 3)
+    ray.get(reps[0].inject.remote(delay=5.0))
+    with Producer(ctx, pcfg(linger_ms=0, max_lingered_requests_per_node=1, request_timeout_ms=20_000)) as prod:
+        hung = prod.send(topic, value=b"slow", partition=0)
+        time.sleep(0.2)                                        # its call is out and holds the slot
+        t0 = time.monotonic()
+        others = [prod.send(topic, value=b"v%d" % p, partition=p) for p in (1, 2)]
+        for f in others:
+            f.result(timeout=10)
+        assert not hung.done(), f"the others waited for the hung call ({time.monotonic() - t0:.1f} s)"
+        assert hung.result(timeout=10).offset == 0
+    for r in reps:
+        ray.kill(r)
+
+
 def test_callbacks_and_close_semantics(cluster, ctx, shared):
     topic, reps = shared
     base = log_end(reps[0])
@@ -677,7 +695,8 @@ def test_consumer_holds_at_most_one_fetch_result_per_partition(cluster, ctx, thr
     start = {tp: log_end(reps[tp.partition]) for tp in tps}
     small = pa.table({"value": [b"x" * 100] * 100})      # ~11 KB per stored batch
     big = pa.table({"value": [b"y" * 100] * 1000})       # ~110 KB: alone above the fetch limit
-    with Producer(ctx, pcfg(linger_ms=0, batch_size=1)) as prod:     # one stored batch per send_batch
+    # one stored batch per send_batch; 450 queued at once may wait past the 5 s default when loaded
+    with Producer(ctx, pcfg(linger_ms=0, batch_size=1, delivery_timeout_ms=60_000)) as prod:
         futs = [prod.send_batch(topic, big if i == 60 else small, partition=p) for p in range(3) for i in range(150)]
         prod.flush(timeout=60)
         for f in futs:
