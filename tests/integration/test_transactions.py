@@ -364,21 +364,28 @@ def test_adds_from_many_partition_leaders_share_one_coordinator_append(broker, t
     assert described.state in ("COMPLETE_COMMIT", "EMPTY"), described
 
 
-def test_the_next_transactions_add_rides_with_the_previous_completion(broker, topic_name):
-    """An add waiting for the previous transaction's markers is logged together with its
-    completion: one coordinator append (PREPARE_COMMIT -> ONGOING) instead of COMPLETE then ONGOING."""
+def _first_transaction_with_a_stalled_marker(broker, topic_name, **producer_config):
+    """Two partitions; a transaction that wrote b"first" to partition 0 is flushed, not committed,
+    and partition 0's next marker will stall 1.5 s, so an add of the next transaction (partition
+    1) waits for it. Returns (admin, transactional id, producer)."""
     admin = broker.admin()
     admin.create_topic(topic_name, partitions=2, replication_factor=1)
     wait_stable(admin, topic_name)
     tid = f"{topic_name}-tx"
-    producer = broker.producer(transactional_id=tid)
+    producer = broker.producer(transactional_id=tid, **producer_config)
     producer.init_transactions()
     producer.begin_transaction()
     producer.send(topic_name, value=b"first", partition=0)
     producer.flush()
-    # the marker to partition 0 stalls, so the next transaction's add (partition 1) waits for it
     ray.get(replica(topic_name, 0, leader_of(admin, topic_name, 0)).arm_failpoint.remote(
         "replica.before_marker", "delay", 1500))
+    return admin, tid, producer
+
+
+def test_the_next_transactions_add_rides_with_the_previous_completion(broker, topic_name):
+    """An add waiting for the previous transaction's markers is logged together with its
+    completion: one coordinator append (PREPARE_COMMIT -> ONGOING) instead of COMPLETE then ONGOING."""
+    admin, tid, producer = _first_transaction_with_a_stalled_marker(broker, topic_name)
     before = ray.get(coordinator().ping.remote())["log_appends"]
     producer.commit_transaction()
     producer.begin_transaction()
@@ -397,17 +404,8 @@ def test_coordinator_crash_before_the_completion_that_carries_a_waiting_add(brok
     append; the coordinator dies right before that append. The restarted coordinator completes the
     previous transaction from its PREPARE record, the leader's add is retried and lands, and every
     record is committed once."""
-    admin = broker.admin()
-    admin.create_topic(topic_name, partitions=2, replication_factor=1)
-    wait_stable(admin, topic_name)
-    tid = f"{topic_name}-tx"
-    producer = broker.producer(transactional_id=tid, delivery_timeout_ms=60_000)
-    producer.init_transactions()
-    producer.begin_transaction()
-    producer.send(topic_name, value=b"first", partition=0)
-    producer.flush()
-    ray.get(replica(topic_name, 0, leader_of(admin, topic_name, 0)).arm_failpoint.remote(
-        "replica.before_marker", "delay", 1500))
+    admin, tid, producer = _first_transaction_with_a_stalled_marker(broker, topic_name,
+                                                                    delivery_timeout_ms=60_000)
     epoch = ray.get(coordinator().ping.remote())["coordinator_epoch"]
     ray.get(coordinator().arm_failpoint.remote("txn.before_complete", "crash"))
     producer.commit_transaction()

@@ -64,6 +64,16 @@ def end(h, tid, pid, epoch, commit, now=20):
     return r, r.reply()
 
 
+def decided(commit=True, parts=(T1,)):
+    """A fresh harness whose producer's first transaction is decided (PREPARE_*): (harness, its
+    marker plan, the end_txn response)."""
+    h = Harness()
+    init(h)
+    begin(h, parts=parts)
+    r, resp = end(h, "t", 0, 0, commit)
+    return h, r.markers[0], resp
+
+
 def code(exc_info):
     return exc_info.value.code
 
@@ -201,11 +211,7 @@ def test_add_partitions_while_preparing_is_concurrent_transactions():
 def test_completion_with_the_next_transactions_add_is_one_record(commit):
     """Markers written and the producer's next transaction waiting to add partitions: completion
     and add are one transition (one record, the ONGOING snapshot) instead of COMPLETE_* then ONGOING."""
-    h = Harness()
-    init(h)
-    begin(h, parts=(T1, OFFSETS))
-    r, resp = end(h, "t", 0, 0, commit)
-    plan = r.markers[0]
+    h, plan, resp = decided(commit, parts=(T1, OFFSETS))
     added = h.complete_markers("t", 30, plan=plan, add=(0, resp.producer_epoch, [T2]))
     assert added.response is True and len(added.records) == 1 and added.markers == ()
     d = h.state("t")
@@ -221,37 +227,27 @@ def test_completion_with_the_next_transactions_add_is_one_record(commit):
 
 
 def test_completion_with_an_add_of_another_identity_only_completes():
-    h = Harness()
-    init(h)
-    begin(h)
-    r, resp = end(h, "t", 0, 0, True)
-    plan = r.markers[0]
+    h, plan, resp = decided()
     # the epoch of the decided transaction (a late write of it): not the next transaction's
     done = h.complete_markers("t", 30, plan=plan, add=(0, 0, [T2]))
     assert done.response is None
     d = h.state("t")
     assert (d.state, d.partitions) == ("COMPLETE_COMMIT", ())
     for bad in ([], [("", 0)], [("x", -1)]):                      # a malformed add never blocks the completion
-        h2 = Harness()
-        init(h2)
-        begin(h2)
-        r2, resp2 = end(h2, "t", 0, 0, True)
-        assert h2.complete_markers("t", 30, plan=r2.markers[0], add=(0, resp2.producer_epoch, bad)).response is None
+        h2, plan2, resp2 = decided()
+        assert h2.complete_markers("t", 30, plan=plan2, add=(0, resp2.producer_epoch, bad)).response is None
         assert h2.state("t").state == "COMPLETE_COMMIT"
 
 
 def test_a_discarded_complete_and_add_leaves_the_prepare_to_complete():
-    h = Harness()
-    init(h)
-    begin(h)
-    r, resp = end(h, "t", 0, 0, True)
-    result = h.shard.complete_markers("t", 30, plan=r.markers[0], add=(0, resp.producer_epoch, [T2]))
+    h, plan, resp = decided()
+    result = h.shard.complete_markers("t", 30, plan=plan, add=(0, resp.producer_epoch, [T2]))
     with pytest.raises(BrokerError) as e:                          # busy while its append is pending
-        h.shard.complete_markers("t", 31, plan=r.markers[0])
+        h.shard.complete_markers("t", 31, plan=plan)
     assert code(e) == ErrorCode.CONCURRENT_TRANSACTIONS
     h.shard.discard(result)                                        # the append failed
     assert h.state("t").state == "PREPARE_COMMIT"
-    h.complete_markers("t", 32, plan=r.markers[0])
+    h.complete_markers("t", 32, plan=plan)
     assert h.state("t").state == "COMPLETE_COMMIT"
 
 
