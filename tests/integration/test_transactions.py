@@ -413,9 +413,10 @@ def test_coordinator_crash_before_the_completion_that_carries_a_waiting_add(brok
     producer.send(topic_name, value=b"second", partition=1)
     producer.flush()                 # its add waited for the markers, then for the restarted coordinator
     assert ray.get(coordinator().ping.remote())["coordinator_epoch"] > epoch, "the coordinator did not restart"
-    # its first produce call died with the coordinator while the add waited in it; the retry landed
+    # its first produce call died with the coordinator while the add waited in it; a retry landed
+    # (more than one when a retry reaches the coordinator before it has reloaded its log)
     leader1 = replica(topic_name, 1, leader_of(admin, topic_name, 1))
-    assert ray.get(leader1.failpoint_hits.remote("replica.before_append")) == 2
+    assert ray.get(leader1.failpoint_hits.remote("replica.before_append")) >= 2
     producer.commit_transaction()
     wait_stable(admin, topic_name)
     assert sorted(committed_values(broker, topic_name, 2)) == [b"first", b"second"]
