@@ -13,6 +13,11 @@ replica of a fresh topic (1 partition, `--replication-factor`, default 1):
   with send_batch back to back for `--seconds`, sampled every 0.25 s: max and median;
 - after: `--after-seconds` (2) after the load stopped.
 
+The platform's share under load (`sink_*`): a `SinkActor` that receives the same batches through
+Ray at the same rate and writes each to a file, keeping nothing, sampled the same way. Its growth
+is what receiving Arrow batches through Ray's object store costs any actor; the replica's PSS
+over it (`extra_load_max_over_sink_mb`) is the broker's own.
+
 Also the driver's PSS before and after the load (the producer's memory is bounded by
 buffer.memory, 64 MiB). Target (issue 7): a replica at most 80 MB PSS over a bare actor
 (`extra_*_mb`, MB = MiB here).
@@ -187,6 +192,38 @@ def client_section(cluster, args) -> tuple[dict, list, bool, dict]:
     return results, targets, ok, settings
 
 
+def sink_phase(args, batches: list, batches_per_s: float) -> dict:
+    """The platform baseline under load: a `SinkActor` receives the same batches at the rate the
+    replica took them (at most 5 calls in flight, as the producer's max.in.flight), sampled like the
+    replica. What it gains under load is what receiving Arrow batches through Ray costs any actor."""
+    sink = bl.SinkActor.remote()
+    try:
+        pid = ray.get(sink.pid.remote(), timeout=120)
+        ray.get(sink.take.remote(batches[0]), timeout=120)        # pyarrow imported, as in a replica
+        time.sleep(args.settle_seconds)
+        idle = statistics.median(samples(lambda: bl.pss_mb(pid), args.samples))
+        idle_parts = bl.pss_parts_mb(pid)
+        gap = 1.0 / max(batches_per_s, 1e-3)
+        inflight: list = []
+        sent = 0
+        with bl.Sampler(lambda: bl.pss_mb(pid)) as pss_s, bl.Sampler(lambda: bl.pss_parts_mb(pid)) as parts_s:
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < args.seconds:
+                if len(inflight) >= 5:
+                    ray.get(inflight.pop(0), timeout=120)
+                inflight.append(sink.take.remote(batches[sent % len(batches)]))
+                sent += 1
+                time.sleep(max(0.0, t0 + sent * gap - time.perf_counter()))
+            ray.get(inflight, timeout=120)
+        ray.get(sink.close.remote(), timeout=60)
+    finally:
+        ray.kill(sink)
+    shmem = [v["shmem"] for v in parts_s.values if v.get("shmem") is not None]
+    return {"sink_idle_pss_mb": idle, "sink_load_pss_max_mb": max(pss_s.values, default=None),
+            "sink_idle_pss_shmem_mb": idle_parts.get("shmem"), "sink_load_pss_shmem_max_mb": max(shmem, default=None),
+            "sink_batches": sent, "sink_batches_per_s": round(batches_per_s, 1)}
+
+
 def run(cluster, argv) -> dict:
     args = bl.finish_args(parser().parse_args(argv), FULL, SMOKE)
     t_start = time.perf_counter()
@@ -237,6 +274,7 @@ def run(cluster, argv) -> dict:
         finally:
             producer.close()
     ray.kill(bare)
+    sink = sink_phase(args, batches, sent[0] / args.batch_rows / args.seconds)
     rep_load_max = max(rep_s.values) if rep_s.values else None
     rep_load_med = statistics.median(rep_s.values) if rep_s.values else None
     bare_load = statistics.median(bare_s.values) if bare_s.values else bare_idle
@@ -252,6 +290,10 @@ def run(cluster, argv) -> dict:
         "replica_load_pss_anon_max_mb": max(anon_s.values, default=None),
         "replica_after_load_pss_parts_mb": rep_after_parts,
         "records_written_under_load": sent[0], "log_records": size,
+        # the platform baseline: a bare actor receiving the same batches at the same rate
+        **sink,
+        "extra_load_max_over_sink_mb": None if rep_load_max is None or sink["sink_load_pss_max_mb"] is None
+        else round(rep_load_max - sink["sink_load_pss_max_mb"], 1),
         "driver_pss_before_mb": driver_before, "driver_pss_max_mb": max(drv_s.values) if drv_s.values else None,
         "driver_pss_after_mb": driver_after, "errors": 0,
     }

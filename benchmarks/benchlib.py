@@ -158,6 +158,28 @@ class BareActor:
         return os.getpid()
 
 
+@ray.remote(num_cpus=0)
+class SinkActor:
+    """The platform baseline under load: a Ray actor that receives Arrow batches the way a leader
+    does (the same arguments through Ray) and writes each to a file once, keeping nothing."""
+
+    def __init__(self):
+        fd, self._path = tempfile.mkstemp(prefix="ray_broker_sink_")
+        os.close(fd)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def take(self, batch) -> int:
+        import pyarrow as pa
+        with pa.OSFile(self._path, "wb") as f, pa.ipc.new_stream(f, batch.schema) as w:
+            w.write_batch(batch)
+        return batch.num_rows
+
+    def close(self) -> None:
+        os.unlink(self._path)
+
+
 # ------------------------------------------------------------------------------------------ broker
 def start_embedded(data_dir: str | None = None, config: dict | None = None):
     """A NEW local Ray (never an existing cluster) with a broker; returns (cluster, temp dir or None)."""
