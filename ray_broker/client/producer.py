@@ -288,6 +288,7 @@ class Producer:
         self._acks = c.acks_value
         self._linger = c.linger_ms / 1000.0
         self._batch_size = c.batch_size
+        self._buffer_memory = c.buffer_memory
         self._max_inflight = c.max_in_flight_requests_per_connection
         self._lingered_cap = c.max_lingered_requests_per_node
         self._delivery_timeout = c.delivery_timeout_ms / 1000.0
@@ -372,9 +373,8 @@ class Producer:
             timestamp = time.time_ns() // 1_000_000
         elif not isinstance(timestamp, int) or isinstance(timestamp, bool):
             raise InvalidRequestError(f"timestamp must be int milliseconds, got {type(timestamp).__name__}")
-        if size > info.max_bytes:
-            raise RecordTooLargeError(
-                f"record of about {size} bytes is larger than max.message.bytes = {info.max_bytes}")
+        if size > info.max_bytes or size > self._buffer_memory:
+            raise self._too_large(size, info)
         with self._lock:
             if self._closed:
                 raise InvalidRequestError("producer is closed")
@@ -423,7 +423,8 @@ class Producer:
         """Queue many rows; the future's result is `BatchMetadata` aligned with the input rows.
 
         Validation (schema, partition, sizes) happens here: errors raise before anything is sent.
-        Transactional producers: as `send()`.
+        Transactional producers: as `send()`. A batch larger than buffer.memory is not refused (unlike
+        one `send()` record): it waits until the buffer is empty and is then queued alone, over the bound.
         """
         if self._closed:
             raise InvalidRequestError("producer is closed")
@@ -876,6 +877,14 @@ class Producer:
             out.append((hk, hv))
             size += len(hk) + (len(hv) if hv is not None else 0) + 8
         return out, size
+
+    def _too_large(self, size: int, info) -> RecordTooLargeError:
+        if size > info.max_bytes:
+            return RecordTooLargeError(
+                f"record of about {size} bytes is larger than max.message.bytes = {info.max_bytes}")
+        # as Kafka: one record must fit in the buffer, or it could never be queued beside others
+        return RecordTooLargeError(f"record of about {size} bytes is larger than buffer.memory = "
+                                   f"{self._buffer_memory}")
 
     def _reserve(self, size: int) -> None:
         """Reserve buffer memory (lock held); blocks up to max_block_ms when full."""

@@ -251,6 +251,11 @@ def test_send_headers_timestamp_partition_and_errors(cluster, ctx):
             prod.send("no-such-topic", value=b"x")
         with pytest.raises(RecordTooLargeError):
             prod.send(topic, value=b"x" * 10_000)
+    with Producer(ctx, pcfg(buffer_memory=2048)) as small:     # fits max.message.bytes, not the buffer
+        with pytest.raises(RecordTooLargeError, match="buffer.memory"):
+            small.send(topic, value=b"x" * 3000)
+        assert small.send(topic, value=b"x" * 1000, partition=0).result(timeout=10).offset == 0
+    with Producer(ctx, pcfg()) as prod:
         f2 = prod.send(topic, value=b"unkeyed")
         assert f2.result(timeout=10).partition in (0, 1)
     with pytest.raises(InvalidRequestError):
