@@ -134,6 +134,10 @@ def compute_partitions(batch: pa.RecordBatch, num_partitions: int, topic: str,
     return parts
 
 
+def _fits_int16(partitions: np.ndarray) -> bool:
+    return len(partitions) > 0 and int(partitions.max()) < 32768 and int(partitions.min()) >= 0
+
+
 def split_by_partition(batch: pa.RecordBatch, partitions: np.ndarray) -> list[tuple[int, pa.RecordBatch, np.ndarray]]:
     """[(partition, rows of that partition as a batch, their input row indices)], in input order."""
     n = batch.num_rows
@@ -142,7 +146,9 @@ def split_by_partition(batch: pa.RecordBatch, partitions: np.ndarray) -> list[tu
     first = partitions[0]
     if (partitions == first).all():
         return [(int(first), batch, np.arange(n, dtype=np.int64))]
-    order = np.argsort(partitions, kind="stable")
+    # a stable sort of 16-bit keys is a radix sort in numpy: ~3x faster than on int64
+    small = partitions.astype(np.int16) if _fits_int16(partitions) else partitions
+    order = np.argsort(small, kind="stable")
     taken = batch.take(pa.array(order))
     sorted_parts = partitions[order]
     cuts = np.flatnonzero(np.diff(sorted_parts)) + 1

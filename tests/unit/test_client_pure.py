@@ -76,6 +76,10 @@ def test_murmur2_equal_length_fast_path():
     parts = partitions_for_keys(keys, 12)
     assert parts.tolist()[:200] == [partition_for_key(k, 12) for k in keys[:200]]
     assert set(parts.tolist()) == set(range(12))
+    # the keys as a view of the data buffer: also for a slice, whose keys start mid-buffer
+    sliced = pa.array(keys, pa.binary()).slice(1234, 3000)
+    hs, _ = murmur2_many(sliced)
+    assert hs.tolist() == [murmur2(k) for k in keys[1234:4234]]
 
 
 def test_partition_for_key_is_positive_modulo():
@@ -267,6 +271,9 @@ def test_split_by_partition_and_size():
     assert all_rows.tolist() == list(range(n))
     for p, sub, rows in plan:   # rows stay in input order inside each partition
         assert (np.diff(rows) > 0).all()
+    # partition numbers past int16 keep the int64 sort
+    wide = np.array([40_000 + i % 3 for i in range(n)])
+    assert [p for p, _, _ in split_by_partition(b, wide)] == [40_000, 40_001, 40_002]
 
 
 def test_single_oversized_row_raises():
