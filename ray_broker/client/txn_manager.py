@@ -140,6 +140,13 @@ class TransactionManager:
         """A transaction is open (records may have been written under the current epoch)."""
         return self._state in (S.IN_TRANSACTION, S.COMMITTING, S.ABORTING, S.ABORTABLE_ERROR)
 
+    def check_send(self) -> None:
+        """`check(SEND)` for the per-record path: IN_TRANSACTION is read without the lock (one
+        attribute read is atomic); the locked check runs only to raise. The producer calls it again
+        under its own lock, where commit and abort take their first step, so no send slips past one."""
+        if self._state is not S.IN_TRANSACTION:
+            self.check(TxnOperation.SEND)
+
     def check(self, op: TxnOperation) -> ClientTxnState:
         """Raise if `op` may not be called now (see the module docstring); else the state it runs in."""
         with self._lock:
