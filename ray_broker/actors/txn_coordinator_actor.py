@@ -251,6 +251,13 @@ class TxnCoordinatorActor(CoordinatorActorBase):
         if not fut.done():      # (a completion may have taken this group along meanwhile)
             fut.set_result(None)
 
+    async def add_partitions(self, transactional_id: str, producer_id: int, producer_epoch: int,
+                             partitions: list) -> None:
+        """The producer's AddPartitionsToTxn, sent once it knows partitions of its open transaction
+        (ahead of its produce calls, all partitions in one call). The leaders' own adds stay the
+        check before a write; they then find their partition added, or join this group."""
+        return await self.add_partitions_from_leader(transactional_id, producer_id, producer_epoch, partitions)
+
     async def add_offsets(self, transactional_id: str, producer_id: int, producer_epoch: int, group_id: str,
                           offsets_partition: tuple | None = None) -> None:
         from ..protocol import OFFSETS_TOPIC

@@ -314,6 +314,7 @@ class Producer:
                                                 if self.transactional_id is not None else None)
         self._txn_call_lock = threading.Lock()
         self._txn_started = False          # something was queued / offsets added in the open transaction
+        self._txn_added: set = set()       # partitions of the open transaction added ahead (see _add_ahead)
         self._txn_coordinators: int | None = None
         self._txn_coordinator = None
         self._drop_unsent: BaseException | None = None   # sender fails records not yet sent with this
@@ -442,6 +443,7 @@ class Producer:
         parts = compute_partitions(rb, info.num_partitions, topic, self.sticky, partition=partition,
                                    key_column=key_column, available=self._available(info))
         plan = plan_batch(rb, parts, self._chunk_limit(info))
+        self._add_ahead(topic, plan)
         st = BatchState(topic, rb.num_rows)
         st.set_rows(parts)
         fut = BatchFuture(st)
@@ -564,6 +566,7 @@ class Producer:
         with self._lock:
             txn.start(TxnOperation.BEGIN)
             self._txn_started = False
+            self._txn_added = set()
 
     def commit_transaction(self, timeout: float | None = None) -> None:
         """Flush, then commit the open transaction.
@@ -749,6 +752,30 @@ class Producer:
             self._space.notify_all()
             raise
         self._txn_started = True
+
+    def _add_ahead(self, topic: str, plan: list) -> None:
+        """Kafka's AddPartitionsToTxn: once the partitions of records of the open transaction are
+        known, add the new ones in one coordinator call, without waiting for it. Otherwise each
+        leader adds its partition when the first produce call reaches it, and calls held back in
+        the buffer until commit (lingered call slots) each paid an add (a replicated coordinator
+        append) at flush time. The leaders' adds remain the check; a lost or late add here is
+        harmless (a late one carries an epoch the commit has since bumped, and is refused)."""
+        if self._txn is None or not plan:
+            return
+        with self._lock:
+            if self._txn.state not in (ClientTxnState.IN_TRANSACTION, ClientTxnState.COMMITTING) \
+                    or self._txn_coordinator is None:
+                return
+            new = sorted({(topic, p) for p, _, _ in plan} - self._txn_added)
+            if not new:
+                return
+            self._txn_added.update(new)
+            args = (self.transactional_id, self.idempotence.producer_id, self.idempotence.producer_epoch, new)
+            handle = self._txn_coordinator
+        try:
+            discard_ref(handle.add_partitions.remote(*args))
+        except Exception:  # noqa: BLE001 - best effort: the leaders add their partitions anyway
+            pass
 
     def _txn_record_failed(self, err: BaseException) -> None:
         """A record of the open transaction failed (sender thread or commit)."""
@@ -1018,6 +1045,7 @@ class Producer:
         except BaseException as exc:
             st.fail(exc)
             return
+        self._add_ahead(topic, plan)
         with self._lock:
             st.add_pieces(len(plan))
             for p, sub, rows in plan:

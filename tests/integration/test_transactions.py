@@ -347,16 +347,22 @@ def test_adds_from_many_partition_leaders_share_one_coordinator_append(broker, t
     the coordinator's first append is in flight are decided together and logged in ONE append."""
     admin = broker.admin()
     admin.create_topic(topic_name, partitions=6, replication_factor=1)
-    producer = broker.producer(transactional_id=f"{topic_name}-tx")
+    tid = f"{topic_name}-tx"
+    producer = broker.producer(transactional_id=tid)
     producer.init_transactions()
+    pid, epoch = producer.idempotence.producer_id, producer.idempotence.producer_epoch
     before = ray.get(coordinator().ping.remote())["log_appends"]
-    # the first add's append stalls (the coordinator's event loop with it) while the other five arrive
+    # the first add's append stalls (the coordinator's event loop with it) while the other five
+    # arrive; the leaders' calls are made here directly (the producer adds all six ahead in one call)
     ray.get(coordinator().arm_failpoint.remote("coordinator.before_append", "delay", 1500))
+    ray.get([coordinator().add_partitions_from_leader.remote(tid, pid, epoch, [(topic_name, p)]) for p in range(6)])
+    assert ray.get(coordinator().ping.remote())["log_appends"] - before == 2
+    assert set(admin.describe_transaction(tid).partitions) == {(topic_name, p) for p in range(6)}
     producer.begin_transaction()
     for p in range(6):
         producer.send(topic_name, value=f"v{p}".encode(), partition=p)
     producer.flush()
-    assert ray.get(coordinator().ping.remote())["log_appends"] - before == 2
+    assert ray.get(coordinator().ping.remote())["log_appends"] - before == 2      # all added already
     producer.commit_transaction()
     wait_stable(admin, topic_name)
     assert sorted(committed_values(broker, topic_name, 6)) == [f"v{p}".encode() for p in range(6)]
@@ -422,6 +428,30 @@ def test_coordinator_crash_before_the_completion_that_carries_a_waiting_add(brok
     assert sorted(committed_values(broker, topic_name, 2)) == [b"first", b"second"]
     wait_for(lambda: admin.describe_transaction(tid).state == "COMPLETE_COMMIT", timeout=30,
              what="transaction completed")
+
+
+def test_the_producer_adds_its_partitions_ahead_of_its_produce_calls(broker, topic_name):
+    """Kafka's AddPartitionsToTxn: once the producer knows the partitions of its transaction it adds
+    them to it in one coordinator call, before its produce calls reach the leaders (held here 3 s
+    before they write, and before they would add their partition themselves)."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=3, replication_factor=1)
+    wait_stable(admin, topic_name)
+    tid = f"{topic_name}-tx"
+    producer = broker.producer(transactional_id=tid, linger_ms=100)   # the three sends drain together
+    producer.init_transactions()
+    leaders = [replica(topic_name, p, leader_of(admin, topic_name, p)) for p in range(3)]
+    ray.get([r.arm_failpoint.remote("replica.before_append", "delay", 3000) for r in leaders])
+    before = ray.get(coordinator().ping.remote())["log_appends"]
+    producer.begin_transaction()
+    for p in range(3):
+        producer.send(topic_name, value=f"v{p}".encode(), partition=p)
+    wait_for(lambda: set(admin.describe_transaction(tid).partitions) == {(topic_name, p) for p in range(3)},
+             timeout=2.5, what="the transaction's partitions added while the leaders are held")
+    assert ray.get(coordinator().ping.remote())["log_appends"] - before == 1     # one add for all three
+    producer.commit_transaction()
+    wait_stable(admin, topic_name)
+    assert sorted(committed_values(broker, topic_name, 3)) == [b"v0", b"v1", b"v2"]
 
 
 def test_admin_waits_for_a_restarting_coordinator(broker, topic_name):
