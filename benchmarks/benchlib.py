@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 import ray_broker as rb  # noqa: E402
+from ray_broker.protocol import RAY_SYSTEM_CONFIG  # noqa: E402
 
 NAMESPACE = "ray_broker"
 
@@ -189,7 +190,7 @@ def start_embedded(data_dir: str | None = None, config: dict | None = None):
     for attempt in range(2):
         try:
             ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, configure_logging=False, _system_config=dict(RAY_SYSTEM_CONFIG))
             break
         except Exception as exc:  # noqa: BLE001 - "node timed out during startup" on an overloaded machine
             ray.shutdown()

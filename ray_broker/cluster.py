@@ -11,7 +11,7 @@ import ray
 from .config import BrokerConfig, ConsumerConfig, ProducerConfig, load_config_file
 from .errors import BrokerError, BrokerNotFoundError, BrokerTimeoutError, InvalidConfigError
 from .group.lag import ConsumerGroupDescription, group_lag
-from .protocol import CONTROLLER_NAME, NAMESPACE, TopicDescription
+from .protocol import CONTROLLER_NAME, NAMESPACE, RAY_SYSTEM_CONFIG, TopicDescription
 from .records import schema_to_bytes
 
 DEFAULT_DATA_DIR = "./ray_broker_data"
@@ -131,7 +131,7 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, data_dir: st
         return Cluster(namespace, find_controller(namespace), started_ray=False, data_dir=data_dir)
     # address="local": always a new local instance, never whatever cluster happens to run on the machine
     ray.init(address="local", namespace=namespace, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False, _system_config=dict(RAY_SYSTEM_CONFIG))
     data_dir = os.path.abspath(data_dir or DEFAULT_DATA_DIR)
     controller = deploy(namespace, data_dir, broker_config)
     return Cluster(namespace, controller, started_ray=True, data_dir=data_dir)

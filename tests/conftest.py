@@ -14,8 +14,10 @@ def ray_local():
     """The one local Ray of this test session (restart and multi-node tests start their own in a subprocess)."""
     import ray
 
+    from ray_broker.protocol import RAY_SYSTEM_CONFIG   # as the broker's own embedded Ray
+
     ray.init(address="local", num_cpus=2, namespace="ray_broker", include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, configure_logging=False)
+             log_to_driver=False, configure_logging=False, _system_config=dict(RAY_SYSTEM_CONFIG))
     yield ray
     ray.shutdown()
 

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from ..protocol import RAY_SYSTEM_CONFIG
+
 STATE_FILE = "local_head.json"
 
 
@@ -87,7 +89,8 @@ def start_head(num_cpus: int | None = None, timeout_s: float = 120.0) -> dict:
            "--include-dashboard=false", "--disable-usage-stats",
            f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+           f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+           f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     env = dict(os.environ)

@@ -19,6 +19,10 @@ SCRIPT = textwrap.dedent("""
 
     data_dir = sys.argv[1]
     cluster = rb.connect(data_dir=data_dir)
+    import ray
+    from ray_broker.protocol import RAY_SYSTEM_CONFIG
+    node_config = ray._private.worker._global_node._ray_params._system_config   # what Ray was started with
+    assert all(node_config.get(k) == v for k, v in RAY_SYSTEM_CONFIG.items()), node_config
     admin = cluster.admin()
     admin.create_topic("orders", partitions=2, replication_factor=3, config={"min.insync.replicas": 2})
     admin.create_topic("features", schema=pa.schema([("x", pa.float32())]))
