@@ -31,8 +31,8 @@ from ..errors import (CorruptRecordError, InvalidRequestError, KafkaStorageError
 from ..records import with_offsets
 from .epoch_cache import LeaderEpochCache
 from .files import atomic_write, fsync_dir, read_int, write_int
-from .frame import (FORMAT_VERSION, BatchHeader, FrameError, check_frame, decode_payload, encode_frame, iter_frames,
-                    parse_header)
+from .frame import (FORMAT_VERSION, STREAM_MIN_BYTES, BatchHeader, FrameError, StreamedFrame, check_frame,
+                    decode_payload, encode_frame, iter_frames, parse_header, prepare_frame)
 from .segment import DATA_SUFFIX, INDEX_SUFFIX, LogSegment
 
 FORMAT_FILE = ".format"
@@ -51,7 +51,7 @@ class AppendInfo:
     base_offset: int
     last_offset: int
     header: BatchHeader
-    frame: pa.Buffer | bytes  # the exact bytes appended, for shipping to followers
+    frame: pa.Buffer | bytes | StreamedFrame  # what was appended (a large batch: streamed, not built)
 
 
 def _wall_ms() -> int:
@@ -181,10 +181,14 @@ class PartitionLog:
         if batch.num_rows == 0:
             raise InvalidRequestError(f"log {self._dir}: cannot append an empty batch")
         base = self.log_end_offset
-        header, frame = encode_frame(batch, base_offset=base, leader_epoch=leader_epoch, producer_id=producer_id,
-                                     producer_epoch=producer_epoch, base_sequence=base_sequence,
-                                     is_transactional=is_transactional, is_control=is_control,
-                                     compression=self.config.compression_type)
+        meta = dict(base_offset=base, leader_epoch=leader_epoch, producer_id=producer_id,
+                    producer_epoch=producer_epoch, base_sequence=base_sequence, is_transactional=is_transactional,
+                    is_control=is_control)
+        if self.config.compression_type in (None, "none") and batch.nbytes >= STREAM_MIN_BYTES:
+            frame = prepare_frame(batch, **meta)
+            header = frame.header
+        else:
+            header, frame = encode_frame(batch, compression=self.config.compression_type, **meta)
         if header.frame_length > self.config.max_message_bytes:
             raise RecordTooLargeError(f"batch of {batch.num_rows} records encodes to {header.frame_length} bytes, "
                                       f"above max.message.bytes {self.config.max_message_bytes}")

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CorruptRecordError
-from .frame import BatchHeader, FrameError, check_frame, find_valid_frame_after, iter_frames, parse_header
+from .frame import (BatchHeader, FrameError, StreamedFrame, check_frame, find_valid_frame_after, iter_frames,
+                    parse_header)
 from .files import fsync_dir, remove_if_exists
 
 DATA_SUFFIX = ".arrow"
@@ -129,11 +130,18 @@ class LogSegment:
 
     # ---- write -------------------------------------------------------------------------------
     def append(self, frame, header: BatchHeader, append_ms: int) -> None:
-        """Append one whole frame (header + payload bytes) at the segment's end."""
+        """Append one whole frame (header + payload bytes, or a StreamedFrame) at the segment's end."""
         if header.base_offset != self.next_offset:
             raise AssertionError(f"segment {self.data_path}: append at {header.base_offset}, "
                                  f"expected {self.next_offset}")
-        _write_all(self._data_fd, frame)
+        if isinstance(frame, StreamedFrame):
+            try:
+                frame.write_to(lambda data: _write_all(self._data_fd, data))
+            except BaseException:
+                os.ftruncate(self._data_fd, self.size)   # no partial frame before the next append
+                raise
+        else:
+            _write_all(self._data_fd, frame)
         self.index.add(header.base_offset - self.base_offset, self.size, header.max_timestamp, append_ms)
         _write_all(self._index_fd, _ENTRY.pack(header.base_offset - self.base_offset, self.size,
                                                header.max_timestamp, append_ms))

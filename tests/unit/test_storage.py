@@ -101,6 +101,52 @@ def test_control_frame_any_schema_has_no_timestamps():
     assert header.is_control and header.first_timestamp == -1 and header.max_timestamp == -1
 
 
+def test_streamed_frame_is_byte_for_byte_the_encoded_frame():
+    from ray_broker.storage.frame import prepare_frame
+
+    big = make_batch(3000, ts=77, value_size=200)
+    for batch in (big, big.slice(123, 1500), make_batch(1)):
+        meta = dict(base_offset=40, leader_epoch=2, producer_id=9, producer_epoch=1, base_sequence=6,
+                    is_transactional=True)
+        header, frame = encode_frame(batch, **meta)
+        streamed = prepare_frame(batch, **meta)
+        pieces = []
+        streamed.write_to(lambda data: pieces.append(bytes(data)))
+        assert streamed.header == header
+        assert b"".join(pieces) == frame.to_pybytes()
+
+
+def test_large_append_is_streamed_and_a_failed_write_leaves_no_partial_frame(tmp_path, monkeypatch):
+    from ray_broker.storage import segment as segment_mod
+    from ray_broker.storage.frame import STREAM_MIN_BYTES, StreamedFrame
+
+    log = open_log(tmp_path)
+    fill(log, 1)
+    big = make_batch(2000, start=5, value_size=STREAM_MIN_BYTES // 1000)
+    info = log.append(big, leader_epoch=0)
+    assert isinstance(info.frame, StreamedFrame)
+    size = log.segments[-1].size
+    real_write, calls = segment_mod._write_all, []
+
+    def failing_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(segment_mod, "_write_all", failing_write)
+    with pytest.raises(OSError):
+        log.append(make_batch(2000, start=2005, value_size=STREAM_MIN_BYTES // 1000), leader_epoch=0)
+    monkeypatch.setattr(segment_mod, "_write_all", real_write)
+    assert os.path.getsize(log.segments[-1].data_path) == size == log.segments[-1].size
+    log.append(make_batch(2, start=2005), leader_epoch=0)
+    expected = all_values(log)
+    assert [o for o, _ in expected] == list(range(2007))
+    log.close()
+    reopened = open_log(tmp_path)
+    assert all_values(reopened) == expected
+
+
 def test_atomic_write(tmp_path):
     p = tmp_path / "f"
     atomic_write(str(p), b"one")
