@@ -181,6 +181,115 @@ class SinkActor:
         os.unlink(self._path)
 
 
+# ------------------------------------------------------------------------------------------ platform floor
+@ray.remote(num_cpus=0)
+class LogSinkActor:
+    """The platform floor of a partition replica: receives Arrow batches through Ray (the argument a
+    leader gets) and appends each to an Arrow IPC stream on the local disk. A leader forwards each
+    batch to its followers and replies once they appended it (acks=all). Nothing else: no index, CRC,
+    producer state, transactions or fetches. It keeps what it wrote until `close()`, as a log does:
+    on this VM a write into new page-cache pages costs ~10x one into pages freed moments ago
+    (RESULTS.md), so a floor that truncated its file would not pay what a log pays."""
+
+    def __init__(self, followers: list | None = None):
+        self._followers = list(followers or [])
+        fd, self._path = tempfile.mkstemp(prefix="ray_broker_floor_")
+        os.close(fd)
+        self._file = self._writer = None
+
+    async def append(self, batch) -> int:
+        import asyncio
+
+        import pyarrow as pa
+
+        acks = [f.append.remote(batch) for f in self._followers]
+        if self._writer is None:
+            self._file = pa.OSFile(self._path, "wb")
+            self._writer = pa.ipc.new_stream(self._file, batch.schema)
+        self._writer.write_batch(batch)
+        if acks:
+            await asyncio.gather(*acks)
+        return batch.num_rows
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        os.unlink(self._path)
+
+
+class PlatformFloor:
+    """What Ray, Arrow and the disk alone allow for a produce workload's shape: the records of keyed
+    Arrow batches hashed (murmur2, vectorised) and split by partition in the driver, one Ray call per
+    partition per call round to that partition's `LogSinkActor` (followers behind it at RF > 1), at
+    most `in_flight` calls out per partition (Kafka's max.in.flight default). Each call carries
+    `call_rows` rows (the producer's largest call: a full batch.size), so the floor pays no more
+    calls per byte than the broker may. A benchmark runs it beside the broker in the same process and
+    reports the broker's figure over it."""
+
+    def __init__(self, batches: list, partitions: int, replication_factor: int, in_flight: int = 5):
+        import pyarrow as pa
+
+        from ray_broker.client.partitioner import partitions_for_keys
+
+        self._hash = partitions_for_keys
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self.in_flight = in_flight
+        self.call_rows = batches[0].num_rows
+        # an input batch per call round: every partition's call gets about call_rows rows
+        n = len(batches)
+        self._inputs = [pa.Table.from_batches([batches[(k * partitions + j) % n] for j in range(partitions)])
+                        .combine_chunks().to_batches(max_chunksize=None)[0] for k in range(2)]
+        self._followers = [[LogSinkActor.remote() for _ in range(replication_factor - 1)] for _ in range(partitions)]
+        self._leaders = [LogSinkActor.remote(f) for f in self._followers]
+        warm = batches[0].slice(0, 1)
+        ray.get([s.append.remote(warm) for s in self._leaders], timeout=120)
+
+    def run(self, seconds: float) -> dict:
+        """records/s over `seconds` (every call acknowledged)."""
+        import collections
+
+        from ray_broker.client.batching import split_by_partition
+
+        queues = [collections.deque() for _ in range(self.partitions)]
+        records = calls = i = 0
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        while time.perf_counter() < end:
+            batch = self._inputs[i % len(self._inputs)]
+            i += 1
+            for p, sub, _ in split_by_partition(batch, self._hash(batch.column(0), self.partitions)):
+                q = queues[p]
+                if len(q) >= self.in_flight:
+                    records += ray.get(q.popleft())
+                q.append(self._leaders[p].append.remote(sub))
+                calls += 1
+        for q in queues:
+            records += sum(ray.get(list(q)))
+        elapsed = time.perf_counter() - t0
+        return {"records": records, "seconds": r3(elapsed), "records_per_s": rate(records, elapsed),
+                "calls": calls, "rows_per_call": round(records / max(1, calls))}
+
+    def close(self) -> None:
+        actors = self._leaders + [f for fs in self._followers for f in fs]
+        try:
+            ray.get([a.close.remote() for a in actors], timeout=60)
+        except Exception as exc:  # noqa: BLE001 - a leftover temp file is not worth failing a benchmark
+            log(f"platform floor: close failed: {exc}")
+        for a in actors:
+            ray.kill(a)
+
+
+def floor_figures(ours: float, runs: list[dict]) -> dict:
+    """The floor's runs (alternating with the broker's), its records/s over all of them, and the
+    broker's figure over that."""
+    records = sum(r["records"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    floor = rate(records, seconds)
+    return {"platform_floor": {"runs": runs, "records_per_s": floor,
+                               "broker_over_floor": round(ours / floor, 3) if floor else None}}
+
+
 # ------------------------------------------------------------------------------------------ broker
 def start_embedded(data_dir: str | None = None, config: dict | None = None):
     """A NEW local Ray (never an existing cluster) with a broker; returns (cluster, temp dir or None)."""
@@ -364,6 +473,19 @@ class TxnLoop:
             if now >= end and (len(self.commit_s) >= min_commits or self.aborts > 20):
                 break
         self.elapsed = time.perf_counter() - t0
+
+    @classmethod
+    def merged(cls, loops: list["TxnLoop"]) -> "TxnLoop":
+        """One loop's figures over several runs (records and time summed, commits pooled)."""
+        out = cls(loops[0].producer, loops[0].interval)
+        for lp in loops:
+            out.commit_s += lp.commit_s
+            out.records += lp.records
+            out.elapsed += lp.elapsed
+            out.aborts += lp.aborts
+            out.aborted_records += lp.aborted_records
+            out.first_abort_error = out.first_abort_error or lp.first_abort_error
+        return out
 
     def figures(self, record_bytes: int | None = None) -> dict:
         c = percentiles_ms(self.commit_s, qs=(50, 99))

@@ -31,7 +31,7 @@ PEER = "bench_peer.py"
 EXTRA_KEYS = ["send_calls_per_s", "commits", "commit_p50_ms", "commit_p99_ms", "visibility_p99_ms",
               "achieved_rate", "received", "arrow_mb_per_s", "vs_1st_count", "kills", "isr_recovery_p50_ms",
               "bare_actor_pss_mb", "replica_idle_pss_mb", "extra_idle_mb", "replica_load_pss_max_mb",
-              "extra_load_max_mb", "driver_pss_max_mb", "aborted_transactions", "errors"]
+              "extra_load_max_mb", "driver_pss_max_mb", "broker_over_floor", "aborted_transactions", "errors"]
 
 
 def all_scripts() -> list[str]:
