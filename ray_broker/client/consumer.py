@@ -25,14 +25,14 @@ from typing import Iterable
 
 import pyarrow as pa
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
 
 from ..config import ConsumerConfig
 from ..errors import (BrokerError, BrokerTimeoutError, InvalidRequestError, OffsetOutOfRangeError,
                       UnstableOffsetCommitError)
 from ..records import TopicPartition
 from .membership import NO_GENERATION, SYNC_POLL_S, CoordinatorClient, GroupMetadata, Membership
-from .metadata_cache import ClientContext, discard_ref, unwrap_error
+from .metadata_cache import ACTOR_GONE, ClientContext, discard_ref, unwrap_error
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class Consumer:
                     err = unwrap_error(exc)
                     if not self._retriable(err):
                         raise err
-                    ctx.on_error(tp.topic, tp.partition, leader if isinstance(err, RayActorError) else None)
+                    ctx.on_error(tp.topic, tp.partition, leader if isinstance(err, ACTOR_GONE) else None)
                     last[tp] = err
                     retry.append(tp)
             todo = retry
@@ -318,7 +318,7 @@ class Consumer:
             if not self._retriable(err):
                 raise err
             self.context.on_error(ps.tp.topic, ps.tp.partition,
-                                  ps.ref_leader if isinstance(err, RayActorError) else None)
+                                  ps.ref_leader if isinstance(err, ACTOR_GONE) else None)
             ps.retry_at = time.monotonic() + RETRY_BACKOFF_S
             return
         for b in res.batches:
@@ -556,7 +556,7 @@ class Consumer:
                     self._revoke(set(self._parts))      # eager: give up everything before rejoining
                 try:
                     m.join()
-                except (BrokerError, RayActorError, GetTimeoutError) as exc:
+                except (BrokerError, *ACTOR_GONE, GetTimeoutError) as exc:
                     if isinstance(exc, BrokerError) and not exc.retriable and not isinstance(exc, BrokerTimeoutError):
                         raise
                     log.info("join of group %s failed (retrying): %s", m.group_id, exc)
@@ -567,7 +567,7 @@ class Consumer:
                 return
             try:
                 outcome = m.try_sync()
-            except (BrokerError, RayActorError, GetTimeoutError) as exc:
+            except (BrokerError, *ACTOR_GONE, GetTimeoutError) as exc:
                 if isinstance(exc, BrokerError) and not exc.retriable and not isinstance(exc, BrokerTimeoutError):
                     raise
                 log.info("sync of group %s failed (retrying): %s", m.group_id, exc)
@@ -594,7 +594,7 @@ class Consumer:
                                                                   self.config.request_timeout_ms / 1000.0)
         try:
             got = self._coordinator().call("fetch_offsets", self.config.group_id, tps, True, timeout_s=timeout_s)
-        except (UnstableOffsetCommitError, BrokerTimeoutError, RayActorError, GetTimeoutError) as exc:
+        except (UnstableOffsetCommitError, BrokerTimeoutError, *ACTOR_GONE, GetTimeoutError) as exc:
             if blocking:
                 raise
             log.debug("committed offsets of %s not available yet: %s", tps, exc)
@@ -644,7 +644,7 @@ class Consumer:
     def _retriable(err: BaseException) -> bool:
         if isinstance(err, BrokerError):
             return err.retriable
-        return isinstance(err, (RayActorError, GetTimeoutError))
+        return isinstance(err, (*ACTOR_GONE, GetTimeoutError))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
 
 from ..errors import (BrokerError, BrokerTimeoutError, CoordinatorNotAvailableError, ErrorCode,
                       IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError)
 from ..protocol import CONTROLLER_NAME, group_coordinator_name
-from .metadata_cache import discard_ref, unwrap_error
+from .metadata_cache import ACTOR_GONE, discard_ref, unwrap_error
 from .partitioner import murmur2, to_positive
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,12 @@ class CoordinatorClient:
                 err = unwrap_error(exc)
                 if isinstance(err, ValueError) and not isinstance(err, BrokerError):
                     err = CoordinatorNotAvailableError(str(err))   # controller not found / restarting
-                retriable = (isinstance(err, (RayActorError, GetTimeoutError))
+                retriable = (isinstance(err, (*ACTOR_GONE, GetTimeoutError))
                              or (isinstance(err, BrokerError) and err.retriable)
                              or (retry_while is not None and retry_while(err)))
                 if not retriable:
                     raise err from None
-                refresh = isinstance(err, (RayActorError, CoordinatorNotAvailableError)) or (
+                refresh = isinstance(err, (*ACTOR_GONE, CoordinatorNotAvailableError)) or (
                     isinstance(err, BrokerError) and err.code == ErrorCode.NOT_COORDINATOR)
                 if time.monotonic() + RETRY_BACKOFF_S > deadline:
                     if isinstance(err, BrokerError):

@@ -6,13 +6,18 @@ import time
 from collections.abc import Mapping
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError, RayTaskError
 
 from ..errors import (BrokerError, BrokerNotFoundError, BrokerTimeoutError, LeaderNotAvailableError,
                       UnknownTopicOrPartitionError)
 from ..protocol import CONTROLLER_NAME, NAMESPACE, TopicMetadata, replica_actor_name
 
-__all__ = ["ClientContext", "unwrap_error", "is_retriable"]
+__all__ = ["ClientContext", "unwrap_error", "is_retriable", "ACTOR_GONE"]
+
+# A call through a handle whose actor is gone: died (RayActorError), or pinned to a node that is
+# gone (ActorUnschedulableError, not a RayActorError: the controller re-creates a replica of a
+# removed node under the same name elsewhere). Either way: drop the handle, refresh, retry.
+ACTOR_GONE = (RayActorError, ActorUnschedulableError)
 
 
 def unwrap_error(exc: BaseException) -> BaseException:
@@ -39,7 +44,7 @@ def _consume_outcome(fut) -> None:
 def is_retriable(exc: BaseException) -> bool:
     if isinstance(exc, BrokerError):
         return exc.retriable
-    return isinstance(exc, (RayActorError, GetTimeoutError))
+    return isinstance(exc, (*ACTOR_GONE, GetTimeoutError))
 
 
 class ClientContext:
@@ -97,12 +102,12 @@ class ClientContext:
                     raise
             except GetTimeoutError as exc:
                 last = exc
-            except (RayActorError, RayTaskError, BrokerError) as exc:
+            except (*ACTOR_GONE, RayTaskError, BrokerError) as exc:
                 err = unwrap_error(exc)
                 if isinstance(err, BrokerError):
                     if not err.retriable:
                         raise err from None
-                elif not isinstance(err, RayActorError):
+                elif not isinstance(err, ACTOR_GONE):
                     raise
                 last = err
             refresh = True

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
 
 from ..config import ProducerConfig
 from ..errors import (InvalidProducerEpochError, ProducerFencedError, UnknownProducerIdError, BrokerError, BrokerTimeoutError, InvalidRequestError, NotEnoughReplicasAfterAppendError,
@@ -76,7 +76,7 @@ from ..protocol import (OFFSETS_TOPIC, NO_PRODUCER_EPOCH, NO_PRODUCER_ID, NO_SEQ
 from ..records import HEADERS_TYPE, TIMESTAMP_TYPE, TopicPartition, schema_from_bytes, stored_schema, to_wire
 from .batching import compute_partitions, encoded_size, normalize_batch, now_ms, plan_batch
 from .futures import BatchFuture, BatchState, RecordFuture
-from .metadata_cache import ClientContext, discard_ref, unwrap_error
+from .metadata_cache import ACTOR_GONE, ClientContext, discard_ref, unwrap_error
 from .partitioner import StickyPartitioner, murmur2, to_positive
 from .txn_manager import ClientTxnState, TransactionManager, TxnOperation, is_fatal_error
 
@@ -268,7 +268,7 @@ def _group_fields(group_metadata: Any) -> tuple[str, int, str | None]:
 
 
 def _is_ambiguous(err: BaseException) -> bool:
-    return isinstance(err, (RayActorError, GetTimeoutError, BrokerTimeoutError, NotEnoughReplicasAfterAppendError))
+    return isinstance(err, (*ACTOR_GONE, GetTimeoutError, BrokerTimeoutError, NotEnoughReplicasAfterAppendError))
 
 
 class Producer:
@@ -697,7 +697,7 @@ class Producer:
                 return
             except Exception as exc:  # noqa: BLE001 - sorted below
                 err = unwrap_error(exc)
-                retriable = isinstance(err, (ValueError, RayActorError, GetTimeoutError)) or (
+                retriable = isinstance(err, (ValueError, *ACTOR_GONE, GetTimeoutError)) or (
                     isinstance(err, BrokerError) and err.retriable)
                 if not retriable or time.monotonic() + backoff >= deadline:
                     if isinstance(err, BrokerError):
@@ -857,7 +857,7 @@ class Producer:
                 return ray.get(ref, timeout=max(0.05, min(remaining, self._request_timeout)))
             except Exception as exc:  # noqa: BLE001 - sorted below
                 err = unwrap_error(exc)
-                if isinstance(err, (RayActorError, GetTimeoutError)):
+                if isinstance(err, (*ACTOR_GONE, GetTimeoutError)):
                     refresh = True
                 elif isinstance(err, BrokerError) and (err.retriable or isinstance(err, retry_also)):
                     refresh = isinstance(err, (NotCoordinatorError, CoordinatorNotAvailableError))
@@ -1188,7 +1188,7 @@ class Producer:
                 pid = ray.get(ctx.controller(refresh=attempt > 0).allocate_producer_ids.remote(1),
                               timeout=self._request_timeout)
                 break
-            except (RayActorError, GetTimeoutError, BrokerError, ValueError) as exc:
+            except (*ACTOR_GONE, GetTimeoutError, BrokerError, ValueError) as exc:
                 if attempt == 99:
                     raise BrokerTimeoutError(f"could not obtain a producer id: {exc}") from None
                 time.sleep(min(1.0, self._backoff * (attempt + 1)))
@@ -1229,7 +1229,7 @@ class Producer:
             err = unwrap_error(exc)
             if isinstance(err, BrokerError) and not err.retriable:
                 self._finish(b, error=err)
-            elif isinstance(err, (BrokerError, RayActorError)):
+            elif isinstance(err, (BrokerError, *ACTOR_GONE)):
                 ctx.on_error(b.topic, b.partition)
                 self._schedule_retry(b, err, False, now)
             else:
@@ -1274,9 +1274,9 @@ class Producer:
                 b.resequence = True
                 self._schedule_retry(b, err, False, now, backoff=0.0)
                 return
-            retriable = isinstance(err, RayActorError) or (isinstance(err, BrokerError) and err.retriable)
+            retriable = isinstance(err, ACTOR_GONE) or (isinstance(err, BrokerError) and err.retriable)
             if retriable:
-                self.context.on_error(b.topic, b.partition, b.leader if isinstance(err, RayActorError) else None)
+                self.context.on_error(b.topic, b.partition, b.leader if isinstance(err, ACTOR_GONE) else None)
                 self._schedule_retry(b, err, _is_ambiguous(err), now)
             else:
                 self._finish(b, error=err)

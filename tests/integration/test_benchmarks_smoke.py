@@ -23,11 +23,12 @@ EXPECTED = {
     "produce_consume": {"rf1": {"send_batch", "send", "send_batch_1_in_flight", "send_1_in_flight", "consume"}},
     "w1_send": {"rf1": {"send"}, "rf3": {"send"}},
     "w2_txn_send": {"rf1": {"txn_send"}},
-    "w3_send_batch": {"rf1": {"txn_send_batch"}},                # smoke: RF 1 (W1 and W8 cover RF 3)
+    "w3_send_batch": {"rf1": {"txn_send_batch", "platform_floor"}},   # smoke: RF 1 (W1 and W8 cover RF 3)
     "w4_consume": {"rf1": {"produce_setup", "consume_read_committed"}},
     "w5_latency": {"rf1": {"idempotent", "transactional"}},     # smoke: RF 1 (W1/W3 cover RF 3)
     "w6_schema": {"rf1": {"produce", "consume"}},
-    "w7_partitions": {"p1": {"txn_send_batch", "consume"}, "p2": {"txn_send_batch", "consume"}},
+    "w7_partitions": {"p1": {"txn_send_batch", "consume", "platform_floor"},
+                      "p2": {"txn_send_batch", "consume", "platform_floor"}},
     "w8_failover": {"rf3": {"failover"}},
     "memory": {"rf1": {"replica"}},
 }
@@ -60,6 +61,10 @@ def _check_mode(bench: str, setting: str, mode: str, r: dict) -> None:
         assert r["bare_actor_pss_mb"] > 0 and r["replica_idle_pss_mb"] > 0, (where, r)
         assert r["extra_idle_mb"] is not None and r["replica_load_pss_max_mb"] > 0, (where, r)
         assert r["records_written_under_load"] > 0, (where, r)
+        return
+    if mode == "platform_floor":
+        assert r["records_per_s"] > 0 and r["broker_over_floor"] > 0, (where, r)
+        assert r["runs"] and all(run["records"] > 0 and run["calls"] > 0 for run in r["runs"]), (where, r)
         return
     if bench == "w5_latency":
         assert r["sent"] > 0 and r["received"] == r["sent"] - r.get("aborted_records", 0), (where, r)
@@ -102,6 +107,7 @@ def test_all_benchmarks_smoke_in_one_process(tmp_path):
                 _check_mode(name, setting, mode, out["results"][setting][mode])
         for t in out.get("targets", []):
             assert {"target", "value", "threshold", "met"} <= set(t), (name, t)
+    assert by_name["w7_partitions"]["platform_floor"]["min_ratio_to_best_so_far"] > 0
     # the runner's table has a row per (benchmark, setting, mode)
     for name in EXPECTED:
         assert name in p.stdout, p.stdout

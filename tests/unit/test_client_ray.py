@@ -373,6 +373,31 @@ def test_leader_unavailable_then_elected(cluster, ctx, shared):
     ctx.invalidate(topic)
 
 
+def test_a_cached_handle_pinned_to_a_gone_node_is_dropped_and_retried(cluster, shared):
+    """A replica re-created elsewhere after its node was removed: a client still holding the old
+    handle gets ActorUnschedulableError (not a RayActorError) and must refresh, not fail."""
+    from ray.exceptions import ActorUnschedulableError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    topic, reps = shared
+    base = log_end(reps[0])
+    gone = NodeAffinitySchedulingStrategy(node_id="ab" * 28, soft=False)   # no such node
+    stale = FakeReplica.options(namespace=NS, scheduling_strategy=gone).remote(None)
+    with pytest.raises(ActorUnschedulableError):
+        ray.get(stale.list_offset.remote("latest", "read_uncommitted"), timeout=30)
+    ctx = ClientContext(NS)
+    ctx.topic_metadata(topic)
+    ctx._replicas[(topic, 0, 0)] = stale
+    with Consumer(ctx, ConsumerConfig()) as cons:
+        tp = TopicPartition(topic, 0)
+        assert cons.end_offsets([tp]) == {tp: base}
+    ctx._replicas[(topic, 0, 0)] = stale
+    with Producer(ctx, pcfg(linger_ms=0)) as prod:
+        assert prod.send(topic, value=b"after").result(timeout=30).offset == base
+    assert log_end(reps[0]) == base + 1
+    ray.kill(stale)
+
+
 def test_inflight_pipelining_acks0_and_buffer_memory(cluster, ctx, shared):
     topic, reps = shared
     base = log_end(reps[0])
