@@ -21,7 +21,7 @@ import time
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from ..config import BrokerConfig
 from ..errors import (BrokerError, CoordinatorLoadInProgressError, InvalidProducerEpochError, NotCoordinatorError,
@@ -87,7 +87,8 @@ class InternalPartitionWriter:
                 return result.base_offset
             except (InvalidProducerEpochError, UnknownProducerIdError) as exc:
                 raise NotCoordinatorError(f"coordinator fenced on {self.topic}/{self.partition}: {exc}") from None
-            except (BrokerError, RayActorError, ValueError) as exc:
+            # ActorUnschedulableError: a handle to a replica pinned to a removed node (re-created elsewhere)
+            except (BrokerError, RayActorError, ActorUnschedulableError, ValueError) as exc:
                 if isinstance(exc, BrokerError) and not exc.retriable:
                     raise
                 if time.monotonic() > deadline:
@@ -111,7 +112,7 @@ class InternalPartitionWriter:
                         break
                     offset = res.next_offset
                 return out
-            except (BrokerError, RayActorError, ValueError) as exc:
+            except (BrokerError, RayActorError, ActorUnschedulableError, ValueError) as exc:
                 if time.monotonic() > deadline:
                     raise CoordinatorLoadInProgressError(f"cannot read {self.topic}/{self.partition}: {exc}") from None
                 await asyncio.sleep(0.2)

@@ -125,3 +125,31 @@ def test_followers_learn_the_high_watermark_without_further_writes(broker, topic
     followers = [_replica(topic_name, 0, r) for r in range(3) if r != leader]
     wait_for(lambda: all(ray.get(f.ping.remote())["high_watermark"] == 1 for f in followers), timeout=10,
              what="followers' high watermark 1")
+
+
+@ray.remote(num_cpus=0)
+class _Unplaceable:
+    def produce(self, *args):
+        raise AssertionError("never runs: its node does not exist")
+
+
+def test_internal_writer_replaces_a_leader_handle_pinned_to_a_gone_node(broker, topic_name):
+    """Coordinators append to internal partitions through a cached leader handle; a leader re-created
+    after its node was removed leaves that handle unschedulable (ActorUnschedulableError, not a
+    RayActorError): the append must look the leader up again, not fail."""
+    import asyncio
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ray_broker.actors.coordinator_base import InternalPartitionWriter
+    from ray_broker.protocol import CONTROLLER_NAME
+
+    broker.admin().create_topic(topic_name, partitions=1, replication_factor=1)
+    wait_for(lambda: broker.admin().describe_topic(topic_name).partitions[0].leader is not None, 30, "a leader")
+    controller = ray.get_actor(CONTROLLER_NAME, namespace="ray_broker")
+    producer_id = ray.get(controller.allocate_producer_ids.remote(1))
+    writer = InternalPartitionWriter("ray_broker", topic_name, 0, producer_id, 0)
+    writer._leader = _Unplaceable.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id="ab" * 28, soft=False)).remote()
+    assert asyncio.run(writer.append([(b"k", b"v")])) == 0
+    assert asyncio.run(writer.read_all()) == [(b"k", b"v")]
