@@ -1,6 +1,6 @@
 """W3: `producer.send_batch()` of Arrow batches, transactional, a commit every 100 ms, RF 1 and 3.
 
-    python benchmarks/bench_w3_send_batch.py            # 10 s per replication factor
+    python benchmarks/bench_w3_send_batch.py            # per RF: 2 rounds of 10 s, each then 10 s of the floor
     python benchmarks/bench_w3_send_batch.py --smoke
 
 One topic per replication factor (`--partitions` 6; min.insync.replicas min(2, RF)). Batches of

@@ -1,6 +1,6 @@
 """W7: throughput as partitions grow (1, 3, 6, 12) on this machine.
 
-    python benchmarks/bench_w7_partitions.py            # 6 s of producing per partition count
+    python benchmarks/bench_w7_partitions.py            # per count: 6 s of producing, then 6 s of the floor
     python benchmarks/bench_w7_partitions.py --smoke
 
 Per partition count: a fresh topic (`--replication-factor` 1), the W3 loop (transactional
