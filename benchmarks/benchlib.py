@@ -221,10 +221,10 @@ class PlatformFloor:
     """What Ray, Arrow and the disk alone allow for a produce workload's shape: the records of keyed
     Arrow batches hashed (murmur2, vectorised) and split by partition in the driver, one Ray call per
     partition per call round to that partition's `LogSinkActor` (followers behind it at RF > 1), at
-    most `in_flight` calls out per partition (Kafka's max.in.flight default). Each call carries
-    `call_rows` rows (the producer's largest call: a full batch.size), so the floor pays no more
-    calls per byte than the broker may. A benchmark runs it beside the broker in the same process and
-    reports the broker's figure over it."""
+    most `in_flight` calls out per partition (Kafka's max.in.flight default). Each call carries about
+    as many rows as one of `batches` (W3: 60,000 rows, 7.4 MB, about the producer's largest call at
+    batch.size 8 MiB), so the floor pays no more calls per byte than the broker may. A benchmark
+    runs it beside the broker in the same process and reports the broker's figure over it."""
 
     def __init__(self, batches: list, partitions: int, replication_factor: int, in_flight: int = 5):
         import pyarrow as pa
@@ -233,10 +233,8 @@ class PlatformFloor:
 
         self._hash = partitions_for_keys
         self.partitions = partitions
-        self.replication_factor = replication_factor
         self.in_flight = in_flight
-        self.call_rows = batches[0].num_rows
-        # an input batch per call round: every partition's call gets about call_rows rows
+        # an input batch per call round: every partition's call gets about one batch's rows
         n = len(batches)
         self._inputs = [pa.Table.from_batches([batches[(k * partitions + j) % n] for j in range(partitions)])
                         .combine_chunks().to_batches(max_chunksize=None)[0] for k in range(2)]

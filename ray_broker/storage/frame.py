@@ -25,7 +25,7 @@ older topic schemas still decode.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import crc32c as _crc32c
@@ -115,6 +115,20 @@ def _ipc_size(batch: pa.RecordBatch, options=None) -> int:
     return mock.size()
 
 
+def _new_header(batch: pa.RecordBatch, payload_length: int, base_offset: int, leader_epoch: int, producer_id: int,
+                producer_epoch: int, base_sequence: int, is_transactional: bool, is_control: bool) -> BatchHeader:
+    """The header of `batch`'s frame, CRC still 0 (it covers the packed body and the payload)."""
+    first_ts, max_ts = _timestamps(batch)
+    return BatchHeader(FORMAT_VERSION, base_offset, batch.num_rows, first_ts, max_ts, producer_id, producer_epoch,
+                       base_sequence, leader_epoch, is_transactional, is_control, payload_length, 0)
+
+
+def _body_fields(h: BatchHeader) -> tuple:
+    """The CRC-covered header fields, in `_BODY` order."""
+    return (h.version, h.flags, h.payload_length, h.base_offset, h.record_count, h.first_timestamp, h.max_timestamp,
+            h.producer_id, h.producer_epoch, h.base_sequence, h.leader_epoch, 0)
+
+
 def encode_frame(batch: pa.RecordBatch, *, base_offset: int, leader_epoch: int, producer_id: int = -1,
                  producer_epoch: int = -1, base_sequence: int = -1, is_transactional: bool = False,
                  is_control: bool = False, compression: str | None = "none") -> tuple[BatchHeader, pa.Buffer]:
@@ -139,16 +153,12 @@ def encode_frame(batch: pa.RecordBatch, *, base_offset: int, leader_epoch: int, 
         writer.write_batch(batch)
     if codec is not None:
         frame = sink.getvalue()
-    first_ts, max_ts = _timestamps(batch)
-    flags = (FLAG_TRANSACTIONAL if is_transactional else 0) | (FLAG_CONTROL if is_control else 0)
-    payload_length = frame.size - HEADER_SIZE
-    _BODY.pack_into(frame, _PREFIX.size, FORMAT_VERSION, flags, payload_length, base_offset, batch.num_rows,
-                    first_ts, max_ts, producer_id, producer_epoch, base_sequence, leader_epoch, 0)
+    header = _new_header(batch, frame.size - HEADER_SIZE, base_offset, leader_epoch, producer_id, producer_epoch,
+                         base_sequence, is_transactional, is_control)
+    _BODY.pack_into(frame, _PREFIX.size, *_body_fields(header))
     crc = _crc32c.crc32c(frame.slice(_PREFIX.size))
     _PREFIX.pack_into(frame, 0, MAGIC, crc)
-    header = BatchHeader(FORMAT_VERSION, base_offset, batch.num_rows, first_ts, max_ts, producer_id,
-                         producer_epoch, base_sequence, leader_epoch, is_transactional, is_control,
-                         payload_length, crc)
+    header = replace(header, crc=crc)
     return header, frame
 
 
@@ -225,18 +235,14 @@ def prepare_frame(batch: pa.RecordBatch, *, base_offset: int, leader_epoch: int,
                   producer_epoch: int = -1, base_sequence: int = -1, is_transactional: bool = False,
                   is_control: bool = False) -> StreamedFrame:
     """The uncompressed frame of `batch` (as encode_frame would build it) to be streamed out."""
-    payload_length = _ipc_size(batch)
-    first_ts, max_ts = _timestamps(batch)
-    flags = (FLAG_TRANSACTIONAL if is_transactional else 0) | (FLAG_CONTROL if is_control else 0)
-    body = _BODY.pack(FORMAT_VERSION, flags, payload_length, base_offset, batch.num_rows, first_ts, max_ts,
-                      producer_id, producer_epoch, base_sequence, leader_epoch, 0)
+    header = _new_header(batch, _ipc_size(batch), base_offset, leader_epoch, producer_id, producer_epoch,
+                         base_sequence, is_transactional, is_control)
+    body = _BODY.pack(*_body_fields(header))
     # CRC32C(body + payload): the body's, continued over the payload's bytes as Arrow emits them
     payload = _IpcSink(crc=_crc32c.crc32c(body))
     _write_ipc(batch, payload)
-    header = BatchHeader(FORMAT_VERSION, base_offset, batch.num_rows, first_ts, max_ts, producer_id,
-                         producer_epoch, base_sequence, leader_epoch, is_transactional, is_control,
-                         payload_length, payload.crc)
-    return StreamedFrame(header, batch, _PREFIX.pack(MAGIC, payload.crc) + body)
+    header = replace(header, crc=payload.crc)
+    return StreamedFrame(header, batch, _PREFIX.pack(MAGIC, header.crc) + body)
 
 
 def parse_header(buf, position: int = 0) -> BatchHeader:
