@@ -52,6 +52,7 @@ class ErrorCode(IntEnum):
     UNKNOWN_PRODUCER_ID = 59
     FENCED_LEADER_EPOCH = 74
     UNKNOWN_LEADER_EPOCH = 75
+    OFFSET_NOT_AVAILABLE = 78
     INVALID_RECORD = 87
     UNSTABLE_OFFSET_COMMIT = 88
     PRODUCER_FENCED = 90
@@ -116,6 +117,7 @@ ERROR_POLICY: dict[ErrorCode, ErrorPolicy] = {
     ErrorCode.GROUP_ID_NOT_FOUND: _P(False, "unknown consumer group"),
     ErrorCode.FENCED_LEADER_EPOCH: _P(True, "leader epoch is stale"),
     ErrorCode.UNKNOWN_LEADER_EPOCH: _P(True, "leader epoch is newer than this replica knows"),
+    ErrorCode.OFFSET_NOT_AVAILABLE: _P(True, "new leader's high watermark not yet caught up (KIP-207)"),
     ErrorCode.INVALID_RECORD: _P(False, "invalid record"),
     ErrorCode.UNSTABLE_OFFSET_COMMIT: _P(True, "pending transactional offset commit"),
     ErrorCode.PRODUCER_FENCED: _P(False, "a newer producer with the same transactional.id exists", fatal=True),
@@ -193,6 +195,7 @@ UnknownProducerIdError = _subclass("UnknownProducerIdError", ErrorCode.UNKNOWN_P
 KafkaStorageError = _subclass("KafkaStorageError", ErrorCode.KAFKA_STORAGE_ERROR)
 FencedLeaderEpochError = _subclass("FencedLeaderEpochError", ErrorCode.FENCED_LEADER_EPOCH)
 UnknownLeaderEpochError = _subclass("UnknownLeaderEpochError", ErrorCode.UNKNOWN_LEADER_EPOCH)
+OffsetNotAvailableError = _subclass("OffsetNotAvailableError", ErrorCode.OFFSET_NOT_AVAILABLE)
 ProducerFencedError = _subclass("ProducerFencedError", ErrorCode.PRODUCER_FENCED)
 TransactionAbortableError = _subclass("TransactionAbortableError", ErrorCode.TRANSACTION_ABORTABLE)
 IllegalGenerationError = _subclass("IllegalGenerationError", ErrorCode.ILLEGAL_GENERATION)

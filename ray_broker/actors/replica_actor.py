@@ -22,7 +22,8 @@ from ray.exceptions import RayActorError
 from ..config import BrokerConfig, TopicConfig
 from ..errors import (BrokerError, BrokerTimeoutError, CorruptRecordError, FencedLeaderEpochError,
                       InvalidRequestError, NotEnoughReplicasAfterAppendError, NotEnoughReplicasError,
-                      NotLeaderOrFollowerError, OffsetOutOfRangeError, ReplicaOfflineError,
+                      NotLeaderOrFollowerError, OffsetNotAvailableError, OffsetOutOfRangeError,
+                      ReplicaOfflineError,
                       StaleControllerEpochError, UnknownLeaderEpochError)
 from ..protocol import (ACKS_ALL, READ_COMMITTED, FetchResult, ProduceResult, replica_actor_name,
                         txn_coordinator_name)
@@ -79,6 +80,7 @@ class PartitionReplicaActor:
         self.corruption: str | None = None
         self.log = self._open_log(fresh)
         self.high_watermark = self.log.high_watermark_checkpoint
+        self._epoch_start_offset = 0        # log end when this replica last became leader
         self.producers, self._snapshot_offset = ProducerStateManager.recover(self.log)
         self._last_snapshot_check = time.monotonic()
         self.leader_state: LeaderReplicationState | None = None
@@ -184,6 +186,7 @@ class PartitionReplicaActor:
         self.rebuilding = False
         leo = self.log.log_end_offset
         self.log.assign_epoch(leader_epoch, leo)
+        self._epoch_start_offset = leo
         self.high_watermark = min(self.high_watermark, leo)
         self.leader_state = LeaderReplicationState(
             self.replica_id, leader_epoch, tuple(replicas), tuple(sorted(isr)), self.config.min_insync_replicas,
@@ -428,6 +431,13 @@ class PartitionReplicaActor:
         if which == "earliest":
             return self.log.log_start_offset
         if which == "latest":
+            if self.high_watermark < self._epoch_start_offset:
+                # KIP-207: a new leader learns the HW from its followers; until it reaches the start
+                # of its epoch, "latest" would go backwards (readers stop early, coordinators load
+                # part of their log). The caller retries.
+                raise OffsetNotAvailableError(
+                    f"{self.topic}/{self.partition}: leader's high watermark {self.high_watermark} is below "
+                    f"its epoch start {self._epoch_start_offset}")
             return self.last_stable_offset if isolation_level == READ_COMMITTED else self.high_watermark
         raise InvalidRequestError(f"list_offset: which must be 'earliest' or 'latest', got {which!r}")
 
@@ -445,6 +455,7 @@ class PartitionReplicaActor:
 
     def get_log_state(self, leader_epoch: int) -> dict:
         self._fence_leader(leader_epoch)
+        failpoints.hit("follower.get_log_state")
         return {"entries": self.log.epoch_entries(), "log_start_offset": self.log.log_start_offset,
                 "log_end_offset": self.log.log_end_offset}
 
@@ -503,6 +514,8 @@ class PartitionReplicaActor:
                     if self.role != LEADER or self.leader_epoch != epoch:
                         return
                     if self.log.log_end_offset <= follower_leo:
+                        if self.high_watermark > hw_sent:
+                            failpoints.hit("replica.before_hw_push")
                         hw_sent = self.high_watermark
                         follower_leo = await h.replicate.remote(epoch, b"", follower_leo, hw_sent)
                         state.on_follower_ack(follower, follower_leo, self.log.log_end_offset, _now_ms())

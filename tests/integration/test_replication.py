@@ -153,3 +153,32 @@ def test_internal_writer_replaces_a_leader_handle_pinned_to_a_gone_node(broker, 
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id="ab" * 28, soft=False)).remote()
     assert asyncio.run(writer.append([(b"k", b"v")])) == 0
     assert asyncio.run(writer.read_all()) == [(b"k", b"v")]
+
+
+def test_end_offsets_never_go_back_while_a_new_leader_learns_the_high_watermark(broker, topic_name):
+    """KIP-207: a new leader learns the high watermark from its followers, so for a moment it trails
+    the log. "latest" must not report that lower HW: a reader would stop short of acknowledged
+    records, and a coordinator loading its internal partition would load only part of it."""
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1, replication_factor=3, config={"min.insync.replicas": 2})
+    wait_for(lambda: len(_leader(admin, topic_name).isr) == 3, timeout=60, what="full ISR")
+    old = _leader(admin, topic_name).leader
+    # the leader dies just before it would push the new HW alone: the followers keep HW 0
+    ray.get(_replica(topic_name, 0, old).arm_failpoint.remote("replica.before_hw_push", "crash"))
+    # the new leader's first sync of the other follower stalls, so its HW stays behind meanwhile
+    for r in range(3):
+        if r != old:
+            ray.get(_replica(topic_name, 0, r).arm_failpoint.remote("follower.get_log_state", "delay", 4000))
+    producer = broker.producer(acks="all", linger_ms=20)
+    futures = [producer.send(topic_name, value=b"%d" % i, partition=0) for i in range(10)]
+    producer.flush(timeout=30)
+    assert [f.result(0).offset for f in futures] == list(range(10))
+    wait_for(lambda: _leader(admin, topic_name).leader not in (None, old), timeout=30, what="a new leader")
+    tp = rb.TopicPartition(topic_name, 0)
+    for isolation in ("read_uncommitted", "read_committed"):
+        consumer = broker.consumer(isolation_level=isolation)
+        assert consumer.end_offsets([tp])[tp] == 10, isolation
+        consumer.close()
+    batches, _ = _consume_all(broker, topic_name, 1)
+    assert [v for b in batches[tp] for v in b.column("value").to_pylist()] == [b"%d" % i for i in range(10)]
+    producer.close()
