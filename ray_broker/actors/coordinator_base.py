@@ -21,8 +21,8 @@ import time
 
 import pyarrow as pa
 import ray
-from ray.exceptions import ActorUnschedulableError, RayActorError
 
+from ..client.metadata_cache import ACTOR_GONE
 from ..config import BrokerConfig
 from ..errors import (BrokerError, CoordinatorLoadInProgressError, InvalidProducerEpochError, NotCoordinatorError,
                       UnknownProducerIdError)
@@ -87,8 +87,8 @@ class InternalPartitionWriter:
                 return result.base_offset
             except (InvalidProducerEpochError, UnknownProducerIdError) as exc:
                 raise NotCoordinatorError(f"coordinator fenced on {self.topic}/{self.partition}: {exc}") from None
-            # ActorUnschedulableError: a handle to a replica pinned to a removed node (re-created elsewhere)
-            except (BrokerError, RayActorError, ActorUnschedulableError, ValueError) as exc:
+            # ACTOR_GONE includes a handle to a replica pinned to a removed node (re-created elsewhere)
+            except (BrokerError, *ACTOR_GONE, ValueError) as exc:
                 if isinstance(exc, BrokerError) and not exc.retriable:
                     raise
                 if time.monotonic() > deadline:
@@ -112,7 +112,7 @@ class InternalPartitionWriter:
                         break
                     offset = res.next_offset
                 return out
-            except (BrokerError, RayActorError, ActorUnschedulableError, ValueError) as exc:
+            except (BrokerError, *ACTOR_GONE, ValueError) as exc:
                 if time.monotonic() > deadline:
                     raise CoordinatorLoadInProgressError(f"cannot read {self.topic}/{self.partition}: {exc}") from None
                 await asyncio.sleep(0.2)

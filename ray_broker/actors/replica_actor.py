@@ -23,8 +23,7 @@ from ..config import BrokerConfig, TopicConfig
 from ..errors import (BrokerError, BrokerTimeoutError, CorruptRecordError, FencedLeaderEpochError,
                       InvalidRequestError, NotEnoughReplicasAfterAppendError, NotEnoughReplicasError,
                       NotLeaderOrFollowerError, OffsetNotAvailableError, OffsetOutOfRangeError,
-                      ReplicaOfflineError,
-                      StaleControllerEpochError, UnknownLeaderEpochError)
+                      ReplicaOfflineError, StaleControllerEpochError, UnknownLeaderEpochError)
 from ..protocol import (ACKS_ALL, READ_COMMITTED, FetchResult, ProduceResult, replica_actor_name,
                         txn_coordinator_name)
 from ..records import conform_batch, from_wire, read_schema, schema_from_bytes, stored_schema
