@@ -200,7 +200,9 @@ class ProducerConfig(_Config):
     delivery_timeout_ms: int = _opt(120_000, "give up on a record after this long (retries included)", _positive)
     request_timeout_ms: int = _opt(30_000, "wait this long for one produce call", _positive)
     retry_backoff_ms: int = _opt(100, "wait between retries", _non_negative)
-    buffer_memory: int = _opt(64 * MiB, "bytes of unsent records before send() blocks (a larger record is refused)",
+    buffer_memory: int = _opt(64 * MiB, "bytes of records queued or awaiting acknowledgement before send() blocks; "
+                              "a send() record counts its bytes plus 144 of Python object overhead "
+                              "(a record larger than this is refused)",
                               _positive, kafka_default="33554432")
     max_block_ms: int = _opt(60_000, "how long send() may block on a full buffer or missing metadata",
                              _non_negative)

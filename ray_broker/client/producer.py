@@ -86,6 +86,10 @@ __all__ = ["Producer", "IdempotenceState"]
 
 SEQUENCE_MODULUS = 2 ** 31
 _RECORD_OVERHEAD = 24  # timestamp + offsets + validity, roughly what Arrow stores per row
+# What a record queued by send() costs in heap beyond its bytes (five list slots, the key and value
+# objects' headers, the timestamp int): buffer.memory counts it, so that the setting bounds what the
+# producer holds, as Kafka documents it, and not only the bytes it will send.
+_QUEUED_RECORD_HEAP = 144
 LINGERED_SLOT_HOLD_S = 1.0  # see Producer._lingered_by_node
 
 
@@ -379,9 +383,10 @@ class Producer:
         with self._lock:
             if self._closed:
                 raise InvalidRequestError("producer is closed")
-            self._reserve(size)
+            held = size + _QUEUED_RECORD_HEAP
+            self._reserve(held)
             if self._txn is not None:
-                self._txn_record_queued(size)
+                self._txn_record_queued(held)
             tb = self._buffers.get(topic)
             if tb is None:
                 tb = self._buffers[topic] = _TopicBuffer(topic)
@@ -399,7 +404,7 @@ class Producer:
                 # records spread over partitions: let the buffer hold about batch_size per partition
                 tb.threshold = max(self._batch_size, min(self._batch_size * info.num_partitions,
                                                          self.config.buffer_memory // 4))
-            st.nbytes += size
+            st.nbytes += held
             index = len(tb.values)
             tb.keys.append(key)
             tb.values.append(value)

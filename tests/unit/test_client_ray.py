@@ -764,3 +764,37 @@ def test_consumer_holds_at_most_one_fetch_result_per_partition(cluster, ctx, thr
     assert largest[0] > limit
     assert sum(peaks.values()) <= len(tps) * max(limit, largest[0]), (peaks, largest)
     assert min(peaks.values()) > limit // 2, ("the limit was never approached: no test", peaks)
+
+
+def test_buffer_memory_counts_what_a_queued_send_record_holds(cluster, ctx, three):
+    """buffer.memory bounds the heap send()'s queue takes, not only the bytes it will send: records
+    built per call (the queue then owns the key and value objects) are reserved for at least what
+    they hold in Python memory while queued."""
+    import gc
+    import tracemalloc
+
+    topic, reps = three
+    n = 50_000
+    prod = Producer(ctx, pcfg(linger_ms=600_000, batch_size=1 << 30, buffer_memory=1 << 30,
+                              delivery_timeout_ms=60_000))
+    try:
+        prod.send(topic, value=b"w", partition=0)    # metadata, handles, sender thread
+        prod.flush(timeout=10)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                prod.send(topic, value=b"%0100d" % i, key=b"%016d" % i)
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        reserved = prod._used_bytes
+        assert reserved >= held, (reserved, held, "buffer.memory undercounts the queue")
+        assert reserved <= 1.5 * held, (reserved, held, "buffer.memory overcounts the queue")
+        prod.flush(timeout=30)
+        assert prod._used_bytes == 0
+    finally:
+        prod.close()
+    assert sum(log_end(r) for r in reps) >= n + 1
