@@ -64,10 +64,10 @@ MiB = 1 << 20
 RECORD_BYTES = 116   # 16-byte key + 100-byte value
 FULL = {"seconds": 10.0, "replication_factor": 1, "batch_rows": 20_000, "settle_seconds": 1.0, "after_seconds": 2.0,
         "samples": 5, "client_mb": 100.0, "client_scale": 4, "send_mb": 32.0, "client_partitions": 6,
-        "client_buffer_mb": 16.0, "fetch_partition_mb": 1.0, "fetch_max_mb": 8.0}
+        "client_buffer_mb": 16.0, "fetch_partition_mb": 1.0, "fetch_max_mb": 8.0, "consume_passes": 4}
 SMOKE = {"seconds": 0.5, "replication_factor": 1, "batch_rows": 500, "settle_seconds": 0.1, "after_seconds": 0.2,
          "samples": 2, "client_mb": 1.0, "client_scale": 4, "send_mb": 0.2, "client_partitions": 2,
-         "client_buffer_mb": 1.0, "fetch_partition_mb": 0.0625, "fetch_max_mb": 0.5}
+         "client_buffer_mb": 1.0, "fetch_partition_mb": 0.0625, "fetch_max_mb": 0.5, "consume_passes": 2}
 
 
 def parser():
@@ -86,6 +86,8 @@ def parser():
     ap.add_argument("--client-buffer-mb", type=float, help="clients: producer buffer.memory, MiB (default 16)")
     ap.add_argument("--fetch-partition-mb", type=float, help="clients: max.partition.fetch.bytes, MiB (default 1)")
     ap.add_argument("--fetch-max-mb", type=float, help="clients: fetch.max.bytes, MiB (default 8)")
+    ap.add_argument("--consume-passes", type=int,
+                    help="clients: reads of the scale-x topic by one consumer process (default 4)")
     return ap
 
 
@@ -158,6 +160,11 @@ def client_section(cluster, args) -> tuple[dict, list, bool, dict]:
             sent = _measure(cluster, args, "open_producer", (name, pcfg, args.batch_rows), "produce",
                             (name, send_records, True))
             sent["log_records"] = sum(bl.high_watermarks(cluster, name)) - before - written
+            if factor == args.client_scale:
+                passes = _measure(cluster, args, "open_consumer", (name, parts, ccfg), "consume_passes",
+                                  (name, parts, ccfg, RECORD_BYTES, args.consume_passes))
+                ok = ok and passes["complete"] and \
+                    passes["records_per_pass"][0] == sum(bl.high_watermarks(cluster, name)) - before
         largest = cons.get("largest_batch_bytes") or 0
         for r in (prod, sent):
             r.update({"mb": round(r["records"] * RECORD_BYTES / MiB, 1), "buffer_memory_mb": _mb(buffer_memory),
@@ -182,7 +189,15 @@ def client_section(cluster, args) -> tuple[dict, list, bool, dict]:
         ratio = round(g2 / g1, 2) if g1 and g1 > 0 else None
         targets.append(bl.target(f"Memory: {what} PSS growth, {args.client_scale}x data / 1x data <= 1.5",
                                  ratio, "<=", 1.5))
+    base = passes["pss_baseline_mb"]
+    growth = [round(p - base, 1) if p is not None else None for p in passes["pss_peak_per_pass_mb"]]
+    passes.update({"growth_per_pass_mb": growth, "mb_per_pass": round(passes["records_per_pass"][0] * RECORD_BYTES / MiB, 1)})
+    if None not in growth and growth[0] > 0:
+        targets.append(bl.target(f"Memory: read_committed consumer PSS growth in one process, after reading the "
+                                 f"{args.client_scale}x topic {len(growth)} times / once <= 1.5",
+                                 round(max(growth) / growth[0], 2), "<=", 1.5))
     used = max(r[m]["max_used_bytes"] for r in results.values() for m in ("send_batch", "send"))
+    results["consume_passes"] = passes
     targets.append(bl.target("Memory: producer reserved bytes (sampled max) / buffer.memory <= 1",
                              round(used / buffer_memory, 3), "<=", 1.0))
     settings = {"client_partitions": parts, "client_replication_factor": 1, "client_sizes_mib":

@@ -652,6 +652,21 @@ class ClientProcess:
                     "largest_batch_bytes": peak["batch"]})
         return out
 
+    def consume_passes(self, topic: str, partitions: int, config: dict, record_bytes: int, passes: int) -> dict:
+        """`consume_all` `passes` times over the same topic in this one process, a fresh consumer each
+        pass: this process's PSS peak per pass (sampled in-process every 0.05 s). Whether a client's
+        memory grows with what it has read shows here without a topic many times larger."""
+        pid = os.getpid()
+        peaks, records = [], []
+        for _ in range(passes):
+            with Sampler(lambda: pss_mb(pid), 0.05) as s:
+                out = consume_all(self.cluster, topic, partitions, "read_committed", record_bytes=record_bytes,
+                                  config=config)
+            peaks.append(max(s.values, default=None))
+            records.append(out["records"])
+        return {"records_per_pass": records, "complete": all(r == records[0] for r in records),
+                "pss_peak_per_pass_mb": peaks}
+
 
 # ------------------------------------------------------------------------------------------ script protocol
 def base_parser(description: str) -> argparse.ArgumentParser:
