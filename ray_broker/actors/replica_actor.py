@@ -24,6 +24,7 @@ from ..errors import (BrokerError, BrokerTimeoutError, CorruptRecordError, Fence
                       InvalidRequestError, NotEnoughReplicasAfterAppendError, NotEnoughReplicasError,
                       NotLeaderOrFollowerError, OffsetNotAvailableError, OffsetOutOfRangeError,
                       ReplicaOfflineError, StaleControllerEpochError, UnknownLeaderEpochError)
+from ..metrics.counters import ReplicaCounters
 from ..protocol import (ACKS_ALL, READ_COMMITTED, FetchResult, ProduceResult, replica_actor_name,
                         txn_coordinator_name)
 from ..records import conform_batch, from_wire, read_schema, schema_from_bytes, stored_schema
@@ -89,6 +90,7 @@ class PartitionReplicaActor:
         self._named = NamedActors(namespace)      # followers (when leading), transaction coordinators
         self._last_hw_checkpoint = self.high_watermark
         self._last_hw_checkpoint_time = 0.0
+        self.counters = ReplicaCounters()        # `ray-broker metrics` reads them through status()
 
     # ---- setup -----------------------------------------------------------------------------------
     def _set_schema(self, schema: bytes | None) -> None:
@@ -272,6 +274,7 @@ class PartitionReplicaActor:
                       producer_epoch: int = -1, base_sequence: int = -1, is_transactional: bool = False,
                       transactional_id: str | None = None) -> ProduceResult:
         state = self._require_leader()
+        self.counters.produce_requests += 1
         if acks == ACKS_ALL and len(state.isr) < self.config.min_insync_replicas:
             raise NotEnoughReplicasError(
                 f"{self.topic}/{self.partition}: ISR {list(state.isr)} is smaller than "
@@ -297,6 +300,7 @@ class PartitionReplicaActor:
                                base_sequence=base_sequence, is_transactional=is_transactional)
         self.producers.on_append(producer_id, producer_epoch, base_sequence, batch.num_rows, info.base_offset,
                                  _now_ms(), is_transactional)
+        self.counters.on_append(batch.num_rows, info.header.frame_length)
         failpoints.hit("replica.after_append")
         if state.maybe_advance_high_watermark(self.log.log_end_offset):
             self._on_high_watermark(state.high_watermark)
@@ -417,6 +421,7 @@ class PartitionReplicaActor:
             batches, result.next_offset = self.log.read_batches(offset, max_bytes, max_offset=bound, skip=skip)
             result.batches = [b if b.schema.equals(self.read_schema) else conform_batch(b, self.read_schema)
                               for b in batches]
+        self.counters.on_fetch(result.batches)
         return result
 
     def _check_offset(self, offset: int) -> None:
@@ -481,6 +486,7 @@ class PartitionReplicaActor:
                     f"replicate at {base_offset} but this follower's log ends at {self.log.log_end_offset}")
             failpoints.hit("follower.before_append")
             headers = self.log.append_frames(frames)
+            self.counters.on_replicate(len(frames))
             markers = ((h, decode_payload(p)) for _, h, p in iter_frames(frames, verify=False) if h.is_control)
             self.producers.on_headers(headers, markers)
         self.high_watermark = max(self.high_watermark, min(leader_high_watermark, self.log.log_end_offset))
@@ -687,7 +693,11 @@ class PartitionReplicaActor:
     def status(self) -> dict:
         info = self.ping()
         info.update({"topic": self.topic, "partition": self.partition, "replica": self.replica_id,
-                     "log_dir": self.log_dir, "size_bytes": self.log.size_bytes})
+                     "log_dir": self.log_dir, "size_bytes": self.log.size_bytes,
+                     "counters": {**self.counters.as_dict(),
+                                  "duplicates_dropped": self.producers.duplicates_dropped,
+                                  "out_of_order_refused": self.producers.out_of_order_refused,
+                                  "fenced_refused": self.producers.fenced_refused}})
         return info
 
     def read_all_frames(self) -> tuple[int, bytes]:

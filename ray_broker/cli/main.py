@@ -295,6 +295,31 @@ def cmd_status(args) -> int:
         cluster.shutdown()
 
 
+def cmd_metrics(args) -> int:
+    from ..metrics.collect import BrokerCollector, snapshot
+    from ..metrics.exposition import render
+
+    cluster = _connect(args)
+    try:
+        if args.serve is None:
+            print(render(snapshot(cluster, include_groups=not args.no_groups)), end="")
+            return 0
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(BrokerCollector(cluster, include_groups=not args.no_groups))
+        server, thread = start_http_server(args.serve, addr=args.bind, registry=registry)
+        print(f"serving broker metrics on http://{args.bind}:{server.server_port}/metrics (Ctrl-C stops)",
+              flush=True)
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            server.shutdown()
+        return 0
+    finally:
+        cluster.shutdown()
+
+
 def cmd_topics_create(args) -> int:
     from ..errors import TopicAlreadyExistsError
 
@@ -802,6 +827,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and follower lag (leader high watermark minus follower log end offset).")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("metrics", parents=[common], help="broker metrics in the Prometheus text format",
+                       description="Print the broker's metrics once in the Prometheus text format, or serve "
+                                   "them over HTTP (--serve PORT) for Prometheus to scrape; each scrape asks "
+                                   "every replica for its status. Partition offsets, ISR and under-replicated "
+                                   "counts, per-replica request / record / byte counters (reset when a "
+                                   "replica restarts), idempotence refusals, consumer group lag.")
+    s.add_argument("--serve", type=int, default=None, metavar="PORT", help="serve on this port (0: any free one)")
+    s.add_argument("--bind", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    s.add_argument("--no-groups", action="store_true", help="leave out consumer groups (one call per group)")
+    s.set_defaults(func=cmd_metrics)
 
     t = sub.add_parser("topics", parents=[common], help="create, list, describe, delete topics",
                        description="Topic administration (like kafka-topics.sh).")

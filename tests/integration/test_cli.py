@@ -17,7 +17,7 @@ import pytest
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 HELP_COMMANDS = [[], ["start"], ["stop"], ["status"], ["topics"], ["topics", "create"], ["topics", "list"],
                  ["topics", "describe"], ["topics", "delete"], ["produce"], ["consume"], ["transactions"],
-                 ["transactions", "list"], ["transactions", "describe"], ["transactions", "abort"]]
+                 ["transactions", "list"], ["transactions", "describe"], ["transactions", "abort"], ["metrics"]]
 
 
 def _env(home: str | None = None) -> dict:

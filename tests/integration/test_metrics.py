@@ -1,0 +1,113 @@
+"""`ray-broker metrics`: the Prometheus exposition of a running broker, printed and served."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+import ray_broker as rb
+from ray_broker.cli import main as cli
+from tests.helpers import leader_of, replica, stored_batch, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def samples(text: str) -> dict:
+    """{(sample name, frozenset of label items): value}"""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(parsed: dict, name: str, **labels):
+    return parsed.get((name, frozenset((k, str(v)) for k, v in labels.items())))
+
+
+def test_metrics_show_offsets_requests_refusals_replication_and_group_lag(broker, topic_name, capsys):
+    admin = broker.admin()
+    admin.create_topic(topic_name, partitions=1, replication_factor=2)
+    lead = leader_of(admin, topic_name)
+    follower = 1 - lead
+    leader = replica(topic_name, 0, lead)
+    pid = ray.get(broker.controller.allocate_producer_ids.remote(1))
+    batch = stored_batch([b"a", b"b", b"c"])
+    ray.get(leader.produce.remote(batch, -1, 5000, pid, 0, 0))
+    assert ray.get(leader.produce.remote(batch, -1, 5000, pid, 0, 0)).duplicate     # a retry: dropped
+    group = f"metrics-{topic_name}"
+    consumer = broker.consumer(group_id=group, auto_offset_reset="earliest")
+    tp = rb.TopicPartition(topic_name, 0)
+    consumer.assign([tp])
+    got = 0
+    for _ in range(50):
+        got += sum(b.num_rows for b in consumer.poll(0.2).values())
+        if got >= 3:
+            break
+    assert got == 3
+    consumer.commit({tp: 1})
+    consumer.close()
+    # the follower learns the high watermark with the next push (or the idle heartbeat)
+    wait_for(lambda: ray.get(replica(topic_name, 0, follower).ping.remote())["high_watermark"] == 3, timeout=10)
+
+    assert cli.main(["metrics"]) == 0
+    m = samples(capsys.readouterr().out)
+    part = dict(topic=topic_name, partition=0)
+    assert value(m, "ray_broker_partition_high_watermark", **part) == 3
+    assert value(m, "ray_broker_partition_in_sync_replicas", **part) == 2
+    assert value(m, "ray_broker_partition_under_replicated", **part) == 0
+    assert value(m, "ray_broker_partition_leader", **part) == lead
+    on_leader = dict(part, replica=lead)
+    on_follower = dict(part, replica=follower)
+    assert value(m, "ray_broker_replica_is_leader", **on_leader) == 1
+    assert value(m, "ray_broker_replica_is_leader", **on_follower) == 0
+    assert value(m, "ray_broker_replica_produce_requests_total", **on_leader) == 2
+    assert value(m, "ray_broker_replica_records_in_total", **on_leader) == 3
+    assert value(m, "ray_broker_replica_bytes_in_total", **on_leader) > 0
+    assert value(m, "ray_broker_replica_duplicate_batches_total", **on_leader) == 1
+    assert value(m, "ray_broker_replica_out_of_order_sequence_total", **on_leader) == 0
+    assert value(m, "ray_broker_replica_records_out_total", **on_leader) == 3
+    assert value(m, "ray_broker_replica_fetch_requests_total", **on_leader) >= 1
+    assert value(m, "ray_broker_replica_replication_bytes_in_total", **on_follower) > 0
+    assert value(m, "ray_broker_replica_log_end_offset", **on_follower) == 3
+    assert value(m, "ray_broker_replica_follower_lag", **on_follower) == 0
+    assert value(m, "ray_broker_consumergroup_committed_offset", group=group, **part) == 1
+    assert value(m, "ray_broker_consumergroup_lag", group=group, **part) == 2
+    assert value(m, "ray_broker_nodes_alive") >= 1
+    assert value(m, "ray_broker_offline_partitions") == 0
+
+
+def test_metrics_served_for_prometheus(broker, topic_name):
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from ray_broker.metrics.collect import BrokerCollector
+
+    broker.admin().create_topic(topic_name)
+    producer = broker.producer(acks="all")
+    for i in range(5):
+        producer.send(topic_name, value=b"%d" % i)
+    producer.flush(timeout=60)
+    producer.close()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker, include_groups=False))
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            assert resp.status == 200
+            m = samples(resp.read().decode())
+        assert value(m, "ray_broker_partition_high_watermark", topic=topic_name, partition=0) == 5
+        assert value(m, "ray_broker_replica_records_in_total", topic=topic_name, partition=0, replica=0) == 5
+        # each scrape reads the broker again
+        producer = broker.producer(acks="all")
+        producer.send(topic_name, value=b"more")
+        producer.flush(timeout=60)
+        producer.close()
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            m = samples(resp.read().decode())
+        assert value(m, "ray_broker_partition_high_watermark", topic=topic_name, partition=0) == 6
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
