@@ -145,6 +145,7 @@ def one_mode(cluster, args, mode: str) -> tuple[dict, list]:
                 raise TimeoutError("latency consumer did not start")
             time.sleep(0.02)
         bl.log(f"W5 {mode}: {args.rate} records/s for {args.seconds} s ...")
+        counters_before = bl.replica_counters(cluster, name)
         try:
             sent = paced_send(producer, name, args.rate, args.seconds, txn, args.commit_interval_ms / 1000.0, keys)
         finally:
@@ -153,6 +154,7 @@ def one_mode(cluster, args, mode: str) -> tuple[dict, list]:
             ray.get(consumer.set_expected.remote(sent["sent"] - sent["aborted_records"]), timeout=60)
         res = ray.get(ref, timeout=120)
         ray.kill(consumer)
+        calls = bl.calls_per_batch(counters_before, bl.replica_counters(cluster, name))
     lat_s = res["latencies_ns"] / 1e9
     r = {"sent": sent["sent"], "received": res["received"], "achieved_rate": bl.rate(sent["sent"], sent["seconds"]),
          "max_records_behind_schedule": sent["max_records_behind_schedule"], "isolation_level": isolation}
@@ -161,6 +163,7 @@ def one_mode(cluster, args, mode: str) -> tuple[dict, list]:
         if sent["aborted_transactions"]:
             r.update({"aborted_records": sent["aborted_records"], "first_abort_error": sent["first_abort_error"]})
     r.update(bl.percentiles_ms(lat_s))
+    r["replica_calls"] = calls     # this topic's replicas, timed window plus the drain after it
     targets = []
     if txn:
         c = bl.percentiles_ms(sent["commit_s"], qs=(50, 99))

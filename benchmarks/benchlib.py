@@ -352,6 +352,30 @@ def high_watermarks(cluster, name: str) -> list[int]:
     return [p.high_watermark for p in cluster.admin().describe_topic(name).partitions]
 
 
+def replica_counters(cluster, name: str) -> dict[str, int]:
+    """The request counters (`ray-broker metrics`) of every replica of topic `name`, summed."""
+    reports = ray.get(cluster.controller.replica_reports.remote(), timeout=60)
+    out: dict[str, int] = {}
+    for key, r in reports.items():
+        if key.rsplit("/", 2)[0] == name:
+            for k, v in (r.get("counters") or {}).items():
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def calls_per_batch(before: dict, after: dict) -> dict:
+    """Ray calls the replicas took between two `replica_counters`, per produce call."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    produce = d.get("produce_requests", 0)
+    out = {"produce_calls": produce, "replication_calls": d.get("replication_requests", 0),
+           "fetch_calls": d.get("fetch_requests", 0), "records_in": d.get("records_in", 0)}
+    if produce:
+        out["records_per_produce_call"] = round(out["records_in"] / produce, 1)
+        out["replica_calls_per_produce_call"] = round((produce + out["replication_calls"] + out["fetch_calls"])
+                                                      / produce, 2)
+    return out
+
+
 def wait_for_leader(cluster, name: str, partition: int, timeout_s: float = 60.0) -> int:
     """The partition's leader, waiting through an election in progress."""
     admin = cluster.admin()
