@@ -20,11 +20,11 @@ from ..config import BrokerConfig
 from ..controller.heartbeats import HeartbeatClock
 from ..controller.state import ClusterState, TopicRecord
 from ..errors import BrokerTimeoutError, SchemaMismatchError, UnknownTopicOrPartitionError
-from ..protocol import (TXN_STATE_TOPIC, PartitionDescription, PartitionState, TopicDescription, TopicMetadata,
-                        group_coordinator_name, replica_actor_name, txn_coordinator_name)
+from ..protocol import (CONTROLLER_NAME, TXN_STATE_TOPIC, PartitionDescription, PartitionState, TopicDescription,
+                        TopicMetadata, group_coordinator_name, replica_actor_name, txn_coordinator_name)
 from ..records import check_schema_evolution, schema_from_bytes, schema_to_bytes
 from ..storage import atomic_write
-from .naming import alive_node_ids, pinned
+from .naming import alive_node_ids, broker_actor_options, pinned
 from .replica_actor import ReplicaActor, replica_options
 
 log = logging.getLogger(__name__)
@@ -594,8 +594,7 @@ class ControllerActor:
 
 
 def controller_options(namespace: str, head_node: str | None) -> dict:
-    opts = {"name": "controller", "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": 64}
+    opts = broker_actor_options(CONTROLLER_NAME, namespace, max_concurrency=64)
     opts.update(pinned(head_node))
     return opts
 

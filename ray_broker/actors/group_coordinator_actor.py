@@ -27,6 +27,7 @@ from ..group.state import GroupState
 from ..protocol import OFFSETS_TOPIC
 from ..records import TopicPartition
 from .coordinator_base import CoordinatorActorBase, _now_ms, controller_handle
+from .naming import broker_actor_options
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,7 @@ class GroupCoordinatorActor(CoordinatorActorBase):
 
 
 def group_coordinator_options(name: str, namespace: str) -> dict:
-    return {"name": name, "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": 1000}
+    return broker_actor_options(name, namespace)
 
 
 GroupCoordinator = ray.remote(GroupCoordinatorActor)

@@ -26,6 +26,14 @@ def alive_node_ids() -> list[str]:
     return head + rest
 
 
+def broker_actor_options(name: str, namespace: str, max_concurrency: int = 1000) -> dict:
+    """What every broker actor is started with: named and detached (it outlives the driver that
+    deployed it), restarted by Ray without limit, its calls never retried by Ray (callers retry with
+    our own fencing), no CPU reserved (the broker's actors mostly wait on I/O)."""
+    return {"name": name, "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
+            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": max_concurrency}
+
+
 def pinned(node_id: str | None) -> dict:
     """Options that pin an actor to a node (hard affinity; soft affinity did not hold in our tests)."""
     if node_id is None:

@@ -35,7 +35,7 @@ from ..storage.frame import decode_payload, iter_frames
 from ..storage.producer_state import ProducerStateManager, marker_batch
 from ..testing import failpoints
 from .deployment import ensure_controller
-from .naming import NamedActors
+from .naming import NamedActors, broker_actor_options
 
 log = logging.getLogger(__name__)
 
@@ -711,8 +711,7 @@ class PartitionReplicaActor:
 
 
 def replica_options(name: str, namespace: str) -> dict:
-    return {"name": name, "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": 1000}
+    return broker_actor_options(name, namespace)
 
 
 ReplicaActor = ray.remote(PartitionReplicaActor)

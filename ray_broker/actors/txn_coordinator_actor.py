@@ -23,7 +23,7 @@ from ..txn.coordinator import CoordinatorResult, MarkerPlan, TxnCoordinatorShard
 from ..txn.marker_writer import MarkersFenced, MarkerWriter
 from .coordinator_base import (CoordinatorActorBase, InternalPartitionWriter, _now_ms, controller_handle,
                                records_batch)
-from .naming import NamedActors
+from .naming import NamedActors, broker_actor_options
 
 __all__ = ["TxnCoordinatorActor", "TxnCoordinator", "txn_coordinator_options", "InternalPartitionWriter",
            "records_batch"]
@@ -293,8 +293,7 @@ class TxnCoordinatorActor(CoordinatorActorBase):
 
 
 def txn_coordinator_options(name: str, namespace: str) -> dict:
-    return {"name": name, "namespace": namespace, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": 0, "num_cpus": 0, "max_concurrency": 1000}
+    return broker_actor_options(name, namespace)
 
 
 TxnCoordinator = ray.remote(TxnCoordinatorActor)
