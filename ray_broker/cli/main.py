@@ -833,7 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "them over HTTP (--serve PORT) for Prometheus to scrape; each scrape asks "
                                    "every replica for its status. Partition offsets, ISR and under-replicated "
                                    "counts, per-replica request / record / byte counters (reset when a "
-                                   "replica restarts), idempotence refusals, consumer group lag.")
+                                   "replica restarts), idempotence refusals, consumer group lag, transactions by "
+                                   "state and the age of the oldest open one.")
     s.add_argument("--serve", type=int, default=None, metavar="PORT", help="serve on this port (0: any free one)")
     s.add_argument("--bind", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     s.add_argument("--no-groups", action="store_true", help="leave out consumer groups (one call per group)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 
@@ -12,7 +13,8 @@ log = logging.getLogger(__name__)
 
 def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0) -> ClusterSnapshot:
     """Controller status, every replica's report (`replica_reports`: replicas that do not answer
-    within 2 s are left out), all topics and, with `include_groups`, every group with its lag."""
+    within 2 s are left out), all topics, every transactional id and, with `include_groups`, every
+    group with its lag."""
     st = ray.get(cluster.controller.status.remote(), timeout=timeout)
     reports = ray.get(cluster.controller.replica_reports.remote(), timeout=timeout)
     admin = cluster.admin()
@@ -24,7 +26,9 @@ def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0) -> Clu
                 groups.append(admin.describe_group(listing.group_id))
             except Exception as exc:  # noqa: BLE001 - a group deleted or moving between scrapes
                 log.warning("metrics: group %s not described: %r", listing.group_id, exc)
-    return ClusterSnapshot(st["controller_epoch"], list(st["nodes"]), topics, reports, groups)
+    transactions = admin.list_transactions()
+    return ClusterSnapshot(st["controller_epoch"], list(st["nodes"]), topics, reports, groups, transactions,
+                           time.time_ns() // 1_000_000)
 
 
 class BrokerCollector:

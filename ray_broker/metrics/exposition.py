@@ -39,6 +39,8 @@ class ClusterSnapshot:
     topics: list = field(default_factory=list)        # protocol.TopicDescription
     reports: dict = field(default_factory=dict)       # "topic/partition/replica" -> replica status dict
     groups: list = field(default_factory=list)        # group.lag.ConsumerGroupDescription
+    transactions: list = field(default_factory=list)  # txn.coordinator.TxnDescription
+    taken_ms: int = 0                                 # wall clock when taken (transaction ages)
 
 
 def _gauge(name: str, doc: str, labels: tuple = ()) -> GaugeMetricFamily:
@@ -56,6 +58,7 @@ def metric_families(snap: ClusterSnapshot) -> list:
     out += _partition_families(snap)
     out += _replica_families(snap)
     out += _group_families(snap)
+    out += _transaction_families(snap)
     return out
 
 
@@ -147,6 +150,27 @@ def _group_families(snap: ClusterSnapshot) -> list:
             if p.lag is not None:
                 lag.add_metric(lv, p.lag)
     return [members, state, committed, lag]
+
+
+# transactions that hold back read_committed readers (the last stable offset) until they end
+_OPEN_TXN_STATES = ("ONGOING", "PREPARE_COMMIT", "PREPARE_ABORT")
+
+
+def _transaction_families(snap: ClusterSnapshot) -> list:
+    by_state = _gauge("transactions", "transactional ids by the state of their transaction", ("state",))
+    oldest = _gauge("transaction_oldest_open_seconds",
+                    "age of the oldest transaction not yet ended (0: none); a hanging transaction holds "
+                    "read_committed consumers at its first offset")
+    counts: dict[str, int] = {}
+    age_ms = 0
+    for t in snap.transactions:
+        counts[t.state] = counts.get(t.state, 0) + 1
+        if t.state in _OPEN_TXN_STATES and t.txn_start_ms > 0:
+            age_ms = max(age_ms, snap.taken_ms - t.txn_start_ms)
+    for state in sorted(counts):
+        by_state.add_metric([state], counts[state])
+    oldest.add_metric([], max(0, age_ms) / 1000.0)
+    return [by_state, oldest]
 
 
 class _Families:

@@ -111,3 +111,27 @@ def test_metrics_served_for_prometheus(broker, topic_name):
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+def test_metrics_show_an_open_transaction_until_it_ends(broker, topic_name, capsys):
+    broker.admin().create_topic(topic_name)
+    tid = f"metrics-{topic_name}"
+    producer = broker.producer(transactional_id=tid, acks="all")
+    try:
+        producer.init_transactions()
+        producer.begin_transaction()
+        producer.send(topic_name, value=b"held")
+        producer.flush(timeout=60)
+        assert cli.main(["metrics", "--no-groups"]) == 0
+        m = samples(capsys.readouterr().out)
+        assert value(m, "ray_broker_transactions", state="ONGOING") >= 1
+        assert value(m, "ray_broker_transaction_oldest_open_seconds") > 0
+        # the open transaction holds read_committed readers at its first offset
+        part = dict(topic=topic_name, partition=0)
+        assert (value(m, "ray_broker_partition_high_watermark", **part),
+                value(m, "ray_broker_partition_last_stable_offset", **part)) == (1, 0)
+        producer.abort_transaction(timeout=60)
+    finally:
+        producer.close()
+    ended = broker.admin().describe_transaction(tid)
+    assert ended.state in ("COMPLETE_ABORT", "PREPARE_ABORT")

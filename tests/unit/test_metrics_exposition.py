@@ -8,6 +8,7 @@ from ray_broker.group.state import GroupState
 from ray_broker.metrics.counters import ReplicaCounters
 from ray_broker.metrics.exposition import ClusterSnapshot, render
 from ray_broker.protocol import PartitionDescription, TopicDescription
+from ray_broker.txn.coordinator import TxnDescription
 
 
 def parse(text: str) -> dict:
@@ -40,7 +41,10 @@ def snapshot():
     group = ConsumerGroupDescription("g", GroupState.STABLE, 3, "range", None, (), {}, (),
                                      partitions=(PartitionLag("t", 0, None, None, 4, 10, 6),
                                                  PartitionLag("t", 1, None, None, None, 7, None)))
-    return ClusterSnapshot(5, ["n1", "n2"], [topic], reports, [group])
+    txns = [TxnDescription("a", "ONGOING", 7, 0, 60_000, 95_000, 95_000, (("t", 0),)),
+            TxnDescription("b", "PREPARE_COMMIT", 8, 0, 60_000, 99_000, 99_500, (("t", 1),)),
+            TxnDescription("c", "COMPLETE_COMMIT", 9, 0, 60_000, 10_000, 11_000, ())]
+    return ClusterSnapshot(5, ["n1", "n2"], [topic], reports, [group], txns, taken_ms=100_000)
 
 
 def test_partition_health_counts_follow_kafkas_definitions():
@@ -83,3 +87,12 @@ def test_counters_count_fetched_rows_and_bytes():
     c.on_replicate(100)
     assert (c.fetch_requests, c.records_out, c.bytes_out) == (1, 6, 2 * b.nbytes)
     assert (c.replication_requests, c.replication_bytes_in) == (1, 100)
+
+
+def test_transactions_by_state_and_the_oldest_open_one():
+    m = parse(render(snapshot()))
+    assert get(m, "ray_broker_transactions", state="ONGOING") == 1
+    assert get(m, "ray_broker_transactions", state="COMPLETE_COMMIT") == 1
+    assert get(m, "ray_broker_transaction_oldest_open_seconds") == 5.0   # "a", started at 95 s; "c" ended
+    none_open = ClusterSnapshot(1, taken_ms=100_000, transactions=snapshot().transactions[2:])
+    assert get(parse(render(none_open)), "ray_broker_transaction_oldest_open_seconds") == 0
