@@ -14,21 +14,33 @@ log = logging.getLogger(__name__)
 def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0) -> ClusterSnapshot:
     """Controller status, every replica's report (`replica_reports`: replicas that do not answer
     within 2 s are left out), all topics, every transactional id and, with `include_groups`, every
-    group with its lag."""
+    group with its lag. Groups and transactions come from the coordinators: one that fails (a
+    coordinator restarting, a group deleted meanwhile) is left out and counted in `errors`, so a
+    scrape still shows the partitions."""
     st = ray.get(cluster.controller.status.remote(), timeout=timeout)
     reports = ray.get(cluster.controller.replica_reports.remote(), timeout=timeout)
     admin = cluster.admin()
     topics = [admin.describe_topic(t) for t in admin.list_topics(include_internal=True)]
+    errors: list[str] = []
+
+    def attempt(what: str, fn, default):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - reported in the scrape, not raised
+            log.warning("metrics: %s failed: %r", what, exc)
+            errors.append(f"{what}: {exc!r}"[:300])
+            return default
+
     groups = []
     if include_groups:
-        for listing in admin.list_groups():
-            try:
-                groups.append(admin.describe_group(listing.group_id))
-            except Exception as exc:  # noqa: BLE001 - a group deleted or moving between scrapes
-                log.warning("metrics: group %s not described: %r", listing.group_id, exc)
-    transactions = admin.list_transactions()
+        for listing in attempt("list_groups", admin.list_groups, []):
+            desc = attempt(f"describe_group {listing.group_id}",
+                           lambda gid=listing.group_id: admin.describe_group(gid), None)
+            if desc is not None:
+                groups.append(desc)
+    transactions = attempt("list_transactions", admin.list_transactions, [])
     return ClusterSnapshot(st["controller_epoch"], list(st["nodes"]), topics, reports, groups, transactions,
-                           time.time_ns() // 1_000_000)
+                           time.time_ns() // 1_000_000, errors)
 
 
 class BrokerCollector:

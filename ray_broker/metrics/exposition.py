@@ -41,6 +41,7 @@ class ClusterSnapshot:
     groups: list = field(default_factory=list)        # group.lag.ConsumerGroupDescription
     transactions: list = field(default_factory=list)  # txn.coordinator.TxnDescription
     taken_ms: int = 0                                 # wall clock when taken (transaction ages)
+    errors: list = field(default_factory=list)        # parts left out of this snapshot, and why
 
 
 def _gauge(name: str, doc: str, labels: tuple = ()) -> GaugeMetricFamily:
@@ -54,6 +55,10 @@ def metric_families(snap: ClusterSnapshot) -> list:
     out.append(g)
     g = _gauge("nodes_alive", "Ray nodes alive")
     g.add_metric([], len(snap.nodes))
+    out.append(g)
+    g = _gauge("metrics_collect_errors", "parts of this scrape left out because a coordinator call failed "
+                                         "(the broker logs which)")
+    g.add_metric([], len(snap.errors))
     out.append(g)
     out += _partition_families(snap)
     out += _replica_families(snap)

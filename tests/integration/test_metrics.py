@@ -77,6 +77,7 @@ def test_metrics_show_offsets_requests_refusals_replication_and_group_lag(broker
     assert value(m, "ray_broker_consumergroup_lag", group=group, **part) == 2
     assert value(m, "ray_broker_nodes_alive") >= 1
     assert value(m, "ray_broker_offline_partitions") == 0
+    assert value(m, "ray_broker_metrics_collect_errors") == 0
 
 
 def test_metrics_served_for_prometheus(broker, topic_name):

@@ -50,6 +50,9 @@ def snapshot():
 def test_partition_health_counts_follow_kafkas_definitions():
     m = parse(render(snapshot()))
     assert get(m, "ray_broker_controller_epoch") == 5 and get(m, "ray_broker_nodes_alive") == 2
+    assert get(m, "ray_broker_metrics_collect_errors") == 0
+    partial = ClusterSnapshot(5, errors=["list_transactions: BrokerTimeoutError()"])
+    assert get(parse(render(partial)), "ray_broker_metrics_collect_errors") == 1
     assert get(m, "ray_broker_under_replicated_partitions") == 2        # partitions 1 and 2
     assert get(m, "ray_broker_under_min_isr_partitions") == 1           # 1 (2 has no leader: offline)
     assert get(m, "ray_broker_offline_partitions") == 1
