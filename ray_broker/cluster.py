@@ -208,11 +208,12 @@ class Admin:
         names = self._txn_coordinator_names()
         return names[to_positive(murmur2(transactional_id.encode())) % len(names)]
 
-    def list_transactions(self) -> list:
-        """Every transactional id the coordinators know: state, partitions, start time, producer id/epoch."""
+    def list_transactions(self, timeout: float = 60.0) -> list:
+        """Every transactional id the coordinators know: state, partitions, start time, producer id/epoch.
+        `timeout`: per coordinator, retrying while it restarts or loads."""
         out = []
         for name in self._txn_coordinator_names():
-            out.extend(self._coordinator_call(name, "list_transactions"))
+            out.extend(self._coordinator_call(name, "list_transactions", timeout=timeout))
         return sorted(out, key=lambda d: d.transactional_id)
 
     def describe_transaction(self, transactional_id: str):
@@ -240,17 +241,19 @@ class Admin:
         names = self._group_coordinator_names()
         return names[to_positive(murmur2(group_id.encode())) % len(names)]
 
-    def list_groups(self) -> list:
+    def list_groups(self, timeout: float = 60.0) -> list:
+        """Every group the coordinators know (`timeout`: per coordinator, as list_transactions)."""
         out = []
         for name in self._group_coordinator_names():
-            out.extend(self._coordinator_call(name, "list_groups"))
+            out.extend(self._coordinator_call(name, "list_groups", timeout=timeout))
         return sorted(out, key=lambda g: getattr(g, "group_id", g))
 
-    def describe_group(self, group_id: str) -> "ConsumerGroupDescription":
+    def describe_group(self, group_id: str, timeout: float = 60.0) -> "ConsumerGroupDescription":
         """Members, assignment, committed offsets and, in ``.partitions``, per partition the owner,
         committed offset, last stable offset and lag (LSO - committed: what a read_committed
         member still has to read; None when nothing is committed or the leader is unavailable)."""
-        desc = self._coordinator_call(self._group_coordinator(group_id), "describe_group", group_id)
+        desc = self._coordinator_call(self._group_coordinator(group_id), "describe_group", group_id,
+                                      timeout=timeout)
         tps = set(desc.offsets) | set(desc.pending_offsets)
         for m in desc.members:
             tps.update(m.assignment)

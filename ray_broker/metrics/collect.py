@@ -11,7 +11,13 @@ from .exposition import ClusterSnapshot, metric_families
 log = logging.getLogger(__name__)
 
 
-def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0) -> ClusterSnapshot:
+# A coordinator that is restarting is waited for this long per call, not the admin's 60 s: a
+# Prometheus scrape times out after 10 s by default, and a partial scrape beats none.
+COORDINATOR_TIMEOUT_S = 3.0
+
+
+def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0,
+             coordinator_timeout: float = COORDINATOR_TIMEOUT_S) -> ClusterSnapshot:
     """Controller status, every replica's report (`replica_reports`: replicas that do not answer
     within 2 s are left out), all topics, every transactional id and, with `include_groups`, every
     group with its lag. Groups and transactions come from the coordinators: one that fails (a
@@ -33,12 +39,13 @@ def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0) -> Clu
 
     groups = []
     if include_groups:
-        for listing in attempt("list_groups", admin.list_groups, []):
+        for listing in attempt("list_groups", lambda: admin.list_groups(timeout=coordinator_timeout), []):
             desc = attempt(f"describe_group {listing.group_id}",
-                           lambda gid=listing.group_id: admin.describe_group(gid), None)
+                           lambda gid=listing.group_id: admin.describe_group(gid, timeout=coordinator_timeout),
+                           None)
             if desc is not None:
                 groups.append(desc)
-    transactions = attempt("list_transactions", admin.list_transactions, [])
+    transactions = attempt("list_transactions", lambda: admin.list_transactions(timeout=coordinator_timeout), [])
     return ClusterSnapshot(st["controller_epoch"], list(st["nodes"]), topics, reports, groups, transactions,
                            time.time_ns() // 1_000_000, errors)
 

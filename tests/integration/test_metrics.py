@@ -136,3 +136,35 @@ def test_metrics_show_an_open_transaction_until_it_ends(broker, topic_name, caps
         producer.close()
     ended = broker.admin().describe_transaction(tid)
     assert ended.state in ("COMPLETE_ABORT", "PREPARE_ABORT")
+
+
+def test_a_stuck_coordinator_leaves_its_part_out_of_the_scrape(broker, topic_name):
+    """A transaction coordinator that does not answer (SIGSTOP) costs the scrape its transactions
+    after the short coordinator timeout, counted, not the whole scrape."""
+    import os
+    import signal
+    import time
+
+    from ray_broker.metrics.collect import snapshot
+    from ray_broker.metrics.exposition import render
+    from ray_broker.protocol import txn_coordinator_name
+
+    broker.admin().create_topic(topic_name)
+    # the controller starts the coordinators after deploy: wait until a scrape reaches them
+    wait_for(lambda: not snapshot(broker, include_groups=False).errors, timeout=60)
+    coord = ray.get_actor(txn_coordinator_name(0), namespace=broker.namespace)
+    pid = ray.get(coord.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        snap = snapshot(broker, include_groups=False, coordinator_timeout=1.0)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(snap.errors) == 1 and snap.errors[0].startswith("list_transactions"), snap.errors
+    assert took < 20, took                   # not the admin's 60 s
+    m = samples(render(snap))
+    assert value(m, "ray_broker_metrics_collect_errors") == 1
+    assert value(m, "ray_broker_partition_high_watermark", topic=topic_name, partition=0) == 0
+    # answering again, the coordinator is back in the next scrape
+    wait_for(lambda: not snapshot(broker, include_groups=False).errors, timeout=30)
