@@ -248,22 +248,27 @@ class Admin:
             out.extend(self._coordinator_call(name, "list_groups", timeout=timeout))
         return sorted(out, key=lambda g: getattr(g, "group_id", g))
 
-    def describe_group(self, group_id: str, timeout: float = 60.0) -> "ConsumerGroupDescription":
+    def describe_group(self, group_id: str, timeout: float = 60.0,
+                       last_stable_offsets: dict | None = None) -> "ConsumerGroupDescription":
         """Members, assignment, committed offsets and, in ``.partitions``, per partition the owner,
         committed offset, last stable offset and lag (LSO - committed: what a read_committed
-        member still has to read; None when nothing is committed or the leader is unavailable)."""
+        member still has to read; None when nothing is committed or the leader is unavailable).
+        `last_stable_offsets` ({(topic, partition): LSO}): a caller that has just described the
+        topics passes them, instead of one lookup per topic here."""
         desc = self._coordinator_call(self._group_coordinator(group_id), "describe_group", group_id,
                                       timeout=timeout)
-        tps = set(desc.offsets) | set(desc.pending_offsets)
-        for m in desc.members:
-            tps.update(m.assignment)
-        lso: dict = {}
-        for topic in sorted({tp.topic for tp in tps}):
-            try:
-                for p in self.describe_topic(topic).partitions:
-                    lso[(topic, p.partition)] = p.last_stable_offset
-            except Exception:  # noqa: BLE001 - a deleted topic: no lag
-                pass
+        lso = last_stable_offsets
+        if lso is None:
+            tps = set(desc.offsets) | set(desc.pending_offsets)
+            for m in desc.members:
+                tps.update(m.assignment)
+            lso = {}
+            for topic in sorted({tp.topic for tp in tps}):
+                try:
+                    for p in self.describe_topic(topic).partitions:
+                        lso[(topic, p.partition)] = p.last_stable_offset
+                except Exception:  # noqa: BLE001 - a deleted topic: no lag
+                    pass
         return ConsumerGroupDescription(**{f: getattr(desc, f) for f in desc.__dataclass_fields__},
                                         partitions=group_lag(desc, lso))
 

@@ -39,6 +39,16 @@ def leader_of(admin, topic, partition=0):
     return admin.describe_topic(topic).partitions[partition].leader
 
 
+def poll_rows(consumer, expected, polls=100, poll_s=0.2):
+    """Rows polled until `expected` came or `polls` polls passed: the count (the caller asserts it)."""
+    seen = 0
+    for _ in range(polls):
+        seen += sum(b.num_rows for b in consumer.poll(poll_s).values())
+        if seen >= expected:
+            break
+    return seen
+
+
 def read_partition(cluster, topic, partition, isolation="read_committed", timeout=60):
     """Every record of one partition as a list of (offset, key, value)."""
     import ray_broker as rb

@@ -39,9 +39,11 @@ def snapshot(cluster, include_groups: bool = True, timeout: float = 30.0,
 
     groups = []
     if include_groups:
+        lso = {(t.name, p.partition): p.last_stable_offset for t in topics for p in t.partitions}
         for listing in attempt("list_groups", lambda: admin.list_groups(timeout=coordinator_timeout), []):
             desc = attempt(f"describe_group {listing.group_id}",
-                           lambda gid=listing.group_id: admin.describe_group(gid, timeout=coordinator_timeout),
+                           lambda gid=listing.group_id: admin.describe_group(gid, timeout=coordinator_timeout,
+                                                                             last_stable_offsets=lso),
                            None)
             if desc is not None:
                 groups.append(desc)

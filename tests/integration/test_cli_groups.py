@@ -9,7 +9,7 @@ import pytest
 
 import ray_broker as rb
 from ray_broker.cli import main as cli
-from tests.helpers import wait_for
+from tests.helpers import poll_rows, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,11 +53,7 @@ def test_groups_list_describe_lag_and_reset_offsets(broker, topic_name, run):
 
     member = broker.consumer(group_id=group, client_id="cli-test-member", **GROUP_CFG)
     member.subscribe([topic_name])
-    seen = 0
-    for _ in range(100):
-        seen += sum(b.num_rows for b in member.poll(0.2).values())
-        if seen >= 20:
-            break
+    seen = poll_rows(member, 20)
     assert seen == 20
     member.commit({tp0: 10, tp1: 4})
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import ray_broker as rb
 from ray_broker.cli import main as cli
-from tests.helpers import leader_of, replica, stored_batch, wait_for
+from tests.helpers import leader_of, poll_rows, replica, stored_batch, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,11 +41,7 @@ def test_metrics_show_offsets_requests_refusals_replication_and_group_lag(broker
     consumer = broker.consumer(group_id=group, auto_offset_reset="earliest")
     tp = rb.TopicPartition(topic_name, 0)
     consumer.assign([tp])
-    got = 0
-    for _ in range(50):
-        got += sum(b.num_rows for b in consumer.poll(0.2).values())
-        if got >= 3:
-            break
+    got = poll_rows(consumer, 3, polls=50)
     assert got == 3
     consumer.commit({tp: 1})
     consumer.close()
@@ -168,3 +164,4 @@ def test_a_stuck_coordinator_leaves_its_part_out_of_the_scrape(broker, topic_nam
     assert value(m, "ray_broker_partition_high_watermark", topic=topic_name, partition=0) == 0
     # answering again, the coordinator is back in the next scrape
     wait_for(lambda: not snapshot(broker, include_groups=False).errors, timeout=30)
+
