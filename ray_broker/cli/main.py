@@ -295,6 +295,16 @@ def cmd_status(args) -> int:
         cluster.shutdown()
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: an integer 0-65535 (0: any free one)")
+    return port
+
+
 def cmd_metrics(args) -> int:
     from ..metrics.collect import BrokerCollector, snapshot
     from ..metrics.exposition import render
@@ -835,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "counts, per-replica request / record / byte counters (reset when a "
                                    "replica restarts), idempotence refusals, consumer group lag, transactions by "
                                    "state and the age of the oldest open one.")
-    s.add_argument("--serve", type=int, default=None, metavar="PORT", help="serve on this port (0: any free one)")
+    s.add_argument("--serve", type=_port, default=None, metavar="PORT", help="serve on this port (0: any free one)")
     s.add_argument("--bind", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     s.add_argument("--no-groups", action="store_true", help="leave out consumer groups (one call per group)")
     s.set_defaults(func=cmd_metrics)

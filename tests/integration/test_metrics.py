@@ -165,3 +165,10 @@ def test_a_stuck_coordinator_leaves_its_part_out_of_the_scrape(broker, topic_nam
     # answering again, the coordinator is back in the next scrape
     wait_for(lambda: not snapshot(broker, include_groups=False).errors, timeout=30)
 
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_metrics_refuses_a_bad_port_before_connecting(port, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["metrics", "--serve", port])
+    assert exit_info.value.code == 2
+    assert f"invalid port {port!r}" in capsys.readouterr().err
